@@ -1,0 +1,1 @@
+"""Field-protocol drivers behind one async contract (drivers.contract)."""

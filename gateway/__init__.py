@@ -1,0 +1,1 @@
+"""dergw gateway: the per-site process that owns the site's safety (control, outbox, uplink)."""

@@ -1,0 +1,24 @@
+"""headend_min: the small, stateless cloud headend.
+
+One asyncio process serves a gRPC link for gateways (`link`) and an HTTP API for operators
+(`api`). Every piece of state lives in the database behind the `store.Store` protocol (SQLite
+today, PostgreSQL later), so any instance can serve any gateway and a restart loses nothing.
+
+Modules:
+  cli           `dergw headend run` (argparse)
+  app           composition: store + notifier + gRPC server + uvicorn in one event loop
+  config        listen addresses, database location, keepalive (pure parsing)
+  link          gRPC `GatewayLink/Connect`: registration, telemetry ingest with acks, intent push
+  api           FastAPI routes under /api/v1; `schemas` holds their pydantic models
+  store         the async `Store` protocol and the records it returns
+  sqlite_store  the SQLite implementation (one worker thread, WAL); sqlite_schema its migrations
+  notify        `Notifier`: wakes the streams of a site when a new intent version exists
+  model         plain dataclasses shared by the modules above
+  ingest        pure: wire messages -> validated registration and per-table telemetry rows
+  intents       pure: intent validation, merge and cancellation (versioned documents)
+  fleet         pure: presence, per-gateway intent progress, feeder aggregation
+  clock         the injectable wall clock and time conversions
+
+It shares only the wire contract (`dergw.v1`) with the gateway; it imports nothing from
+`gateway/`, `drivers/` or `hil/`.
+"""
