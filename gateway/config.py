@@ -1,0 +1,524 @@
+"""The gateway's commissioning config: one TOML file → frozen, validated pydantic models.
+
+Owns the config schema, its cross-checks, the error report, and `dergw check-config FILE`.
+Every table rejects unknown keys (a misspelt limit must never be silently ignored), and
+`load_config` reports *every* problem at once, one line each, naming the file, the key as a dotted
+path with list indices, and the reason:
+
+    site.toml: devices[2].params.port: Input should be less than or equal to 65535
+
+Each device's `params` table is validated by its driver's own model
+(`drivers.registry.params_model(driver)`) and kept as that model instance.
+
+Cross-checks (beyond per-field ranges):
+* device ids are unique;
+* `role = "pcc"` is allowed only on meters, and on at most one of them;
+* a pcc meter is **required** when the config sets an export or import limit (`site.*_limit_w` or
+  `control.fallback.*_limit_w`) and has a PV or battery device to enforce it with: those limits
+  are measured at the point of common coupling, and closed-loop control without that meter would
+  be guesswork. Without limits in the config, a site may run without a pcc meter (e.g. a PV plant
+  curtailed by `max_gen_pct` only); if an intent later asks for a PCC limit, control has no PCC
+  reading and must treat it like a stale meter (open loop on `control.assumed_min_load_w`);
+* `control.revert_timeout_s >= 2 × control.period_s`, and
+  `control.period_s <= control.refresh_s < control.revert_timeout_s` (the device-side revert timer
+  must be refreshed before it fires).
+
+Cross-checks run once every field is valid (pydantic runs model validators after the fields), so
+a file with field errors may show more problems after those are fixed.
+
+Relative paths (`gateway.state_dir`) resolve against the directory of the config file, so a
+config means the same thing whatever the working directory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import ipaddress
+import re
+import sys
+import tomllib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from drivers import registry
+from drivers.contract import DeviceKind
+
+__all__ = [
+    "ConfigError",
+    "ControlConfig",
+    "DeviceConfig",
+    "FallbackConfig",
+    "GatewayConfig",
+    "GatewaySection",
+    "OutboxConfig",
+    "SiteConfig",
+    "UplinkConfig",
+    "check_config_main",
+    "load_config",
+]
+
+# Largest number of records per TelemetryBatch on the wire (dergw.v1.MAX_RECORDS_PER_BATCH; kept
+# as a literal so that validating a config does not load protobuf; a test keeps them equal).
+MAX_BATCH_RECORDS = 2000
+
+Slug = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$"),
+    Field(description="lower-case letters, digits, '.', '_', '-'; starts with a letter/digit"),
+]
+NonNegativeWatts = Annotated[float, Field(ge=0)]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
+
+
+class ConfigError(Exception):
+    """The config file could not be read or is invalid; one line per problem in `problems`."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _fail(*problems: tuple[tuple[str | int, ...], str, Any]) -> ValidationError:
+    """A ValidationError with one line per (loc, message, input); locs are relative to the model."""
+    return ValidationError.from_exception_data(
+        "config",
+        [
+            InitErrorDetails(type=PydanticCustomError("config", message), loc=loc, input=value)
+            for loc, message, value in problems
+        ],
+    )
+
+
+class GatewaySection(_Model):
+    id: Slug
+    state_dir: Path
+    log_level: LogLevel = "INFO"
+
+    @field_validator("state_dir")
+    @classmethod
+    def _resolve_state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        base = info.context.get("config_dir") if isinstance(info.context, Mapping) else None
+        if base is not None and not value.is_absolute():
+            return Path(base) / value
+        return value
+
+
+class SiteConfig(_Model):
+    id: Slug
+    name: Annotated[str, StringConstraints(min_length=1)]
+    substation: str = ""
+    feeder: str = ""
+    export_limit_w: NonNegativeWatts | None = None  # contracted export limit at the PCC
+    import_limit_w: NonNegativeWatts | None = None  # contracted import limit at the PCC
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def _split_target(target: str) -> tuple[str, int]:
+    """ "host:port" → (host, port); IPv6 hosts in brackets ("[::1]:50051"). ValueError says why."""
+    example = 'expected "host:port", e.g. "headend.example.net:443" or "[::1]:50051"'
+    if target.startswith("["):
+        host, sep, port_text = target[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{target!r}: {example}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{target!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{target!r}: {example}")
+        if ":" in host:
+            raise ValueError(f"{target!r}: put an IPv6 address in brackets, e.g. [{host}]:port")
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"{target!r}: {host!r} is not a valid host name or IPv4 address")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{target!r}: port must be a number in 1..65535")
+    return host, int(port_text)
+
+
+class UplinkConfig(_Model):
+    # Required (no default) so that a second transport can become a discriminated union on it.
+    transport: Literal["grpc"]
+    target: str  # "host:port" of the headend
+    keepalive_s: Annotated[float, Field(ge=1, le=3600)] = 20.0
+    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # reconnect backoff ceiling
+    batch_max_records: Annotated[int, Field(ge=1, le=MAX_BATCH_RECORDS)] = 500
+    inflight_batches: Annotated[int, Field(ge=1, le=64)] = 4  # sent ahead of the headend's ack
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        _split_target(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return _split_target(self.target)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_target(self.target)[1]
+
+
+class FallbackConfig(_Model):
+    """Static commissioning fallback, in force while no default control was ever received."""
+
+    export_limit_w: NonNegativeWatts | None = None
+    import_limit_w: NonNegativeWatts | None = None
+    max_gen_pct: Annotated[float, Field(ge=0, le=100)] | None = None
+    connect: bool | None = None
+
+
+class ControlConfig(_Model):
+    period_s: Annotated[float, Field(ge=0.05, le=60)] = 1.0  # control loop period
+    revert_timeout_s: Annotated[int, Field(ge=1)] = 60  # device-side revert timer, armed per write
+    refresh_s: Annotated[float, Field(gt=0)] = 10.0  # re-write unchanged setpoints this often
+    meter_stale_periods: Annotated[int, Field(ge=1)] = 3  # older readings are not used
+    export_margin_w: NonNegativeWatts = 50.0  # stay this far inside export limits
+    assumed_min_load_w: NonNegativeWatts = 0.0  # site load assumed without a fresh PCC reading
+    fallback: FallbackConfig = FallbackConfig()
+
+    @model_validator(mode="after")
+    def _check_timers(self) -> Self:
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        if self.revert_timeout_s < 2 * self.period_s:
+            problems.append(
+                (
+                    ("revert_timeout_s",),
+                    f"must be at least 2 × period_s = {2 * self.period_s:g} s, so that one late "
+                    "control period does not let the devices revert",
+                    self.revert_timeout_s,
+                )
+            )
+        if self.refresh_s >= self.revert_timeout_s:
+            problems.append(
+                (
+                    ("refresh_s",),
+                    f"must be less than revert_timeout_s = {self.revert_timeout_s} s, or the "
+                    "devices revert between refreshes",
+                    self.refresh_s,
+                )
+            )
+        elif self.refresh_s < self.period_s:
+            problems.append(
+                (
+                    ("refresh_s",),
+                    f"must be at least period_s = {self.period_s:g} s: setpoints are written at "
+                    "most once per control period",
+                    self.refresh_s,
+                )
+            )
+        if problems:
+            raise _fail(*problems)
+        return self
+
+
+class OutboxConfig(_Model):
+    commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.1
+    quota_bytes: Annotated[int, Field(gt=0)] | None = None
+
+
+class _Unchecked(BaseModel):
+    """Stands in for `params` when the driver itself is invalid; that already fails validation,
+    so this value never reaches a constructed config."""
+
+
+_UNCHECKED = _Unchecked()
+
+
+class DeviceConfig(_Model):
+    id: Slug
+    kind: DeviceKind
+    driver: str
+    role: Literal["pcc"] | None = None
+    poll_period_s: Annotated[float, Field(ge=0.01, le=3600)] = 1.0
+    # Validated by the driver's own model (extra="forbid"); kept as that model's instance.
+    params: SerializeAsAny[BaseModel] = Field(default_factory=dict, validate_default=True)
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        if value not in registry.DRIVERS:
+            raise PydanticCustomError(
+                "unknown_driver",
+                f"unknown driver {value!r}; known drivers: {', '.join(sorted(registry.DRIVERS))}",
+            )
+        return value
+
+    @field_validator("params", mode="plain")
+    @classmethod
+    def _driver_params(cls, value: Any, info: ValidationInfo) -> BaseModel:
+        driver = info.data.get("driver")
+        if driver is None:
+            return _UNCHECKED
+        try:
+            model = registry.params_model(driver)
+        except (ImportError, AttributeError) as exc:
+            spec = registry.DRIVERS[driver]
+            raise PydanticCustomError(
+                "driver_unavailable",
+                f"cannot check: driver {driver!r} is not available in this installation "
+                f"({spec.module}.{spec.params}: {exc}); reinstall dergw",
+            ) from None
+        # A ValidationError raised here keeps its locations under devices[i].params.
+        return model.model_validate(value)
+
+    @model_validator(mode="after")
+    def _pcc_is_a_meter(self) -> Self:
+        if self.role == "pcc" and self.kind is not DeviceKind.METER:
+            raise _fail(
+                (
+                    ("role",),
+                    f"only a meter can be the pcc (point of common coupling); this device is "
+                    f"kind {self.kind.value!r}",
+                    self.role,
+                )
+            )
+        return self
+
+
+class GatewayConfig(_Model):
+    gateway: GatewaySection
+    site: SiteConfig
+    uplink: UplinkConfig
+    control: ControlConfig = ControlConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    devices: tuple[DeviceConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> Self:
+        problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+        first_index: dict[str, int] = {}
+        for i, device in enumerate(self.devices):
+            if device.id in first_index:
+                problems.append(
+                    (
+                        ("devices", i, "id"),
+                        f"duplicate device id {device.id!r} "
+                        f"(also devices[{first_index[device.id]}])",
+                        device.id,
+                    )
+                )
+            else:
+                first_index[device.id] = i
+        pccs = [i for i, device in enumerate(self.devices) if device.role == "pcc"]
+        problems += [
+            (
+                ("devices", i, "role"),
+                f"only one meter may be the pcc; devices[{pccs[0]}] already is",
+                "pcc",
+            )
+            for i in pccs[1:]
+        ]
+        if not pccs:
+            limits = [
+                name
+                for name, value in (
+                    ("site.export_limit_w", self.site.export_limit_w),
+                    ("site.import_limit_w", self.site.import_limit_w),
+                    ("control.fallback.export_limit_w", self.control.fallback.export_limit_w),
+                    ("control.fallback.import_limit_w", self.control.fallback.import_limit_w),
+                )
+                if value is not None
+            ]
+            controllable = any(d.kind is not DeviceKind.METER for d in self.devices)
+            if limits and controllable:
+                problems.append(
+                    (
+                        ("devices",),
+                        f'a meter with role = "pcc" is required: {", ".join(limits)} '
+                        "is enforced at the point of common coupling, which needs its meter",
+                        None,
+                    )
+                )
+        if problems:
+            raise _fail(*problems)
+        return self
+
+    @property
+    def pcc_meter(self) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.role == "pcc"), None)
+
+
+# -- loading and error report ---------------------------------------------------------------------
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(loc: Sequence[str | int], raw: Any) -> type[BaseModel] | None:
+    """The model that validates the table at `loc` (None if unknown), for 'unknown key' hints."""
+    model: type[BaseModel] | None = GatewayConfig
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if model is None:
+            return None
+        if model is DeviceConfig and part == "params":
+            driver = node.get("driver") if isinstance(node, dict) else None
+            try:
+                model = registry.params_model(driver) if isinstance(driver, str) else None
+            except (KeyError, ImportError, AttributeError):
+                model = None
+        else:
+            field = model.model_fields.get(part)
+            model = None if field is None else _model_in(field.annotation)
+        node = node.get(part) if isinstance(node, dict) else None
+    return model
+
+
+def _reason(error: Mapping[str, Any], raw: Any) -> str:
+    kind, message = error["type"], str(error["msg"])
+    loc = tuple(error["loc"])
+    if kind == "extra_forbidden" and loc:
+        model = _model_at(loc[:-1], raw)
+        if model is None:
+            return "unknown key"
+        allowed = list(model.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key; {hint}allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required key is missing"
+    return message.removeprefix("Value error, ")
+
+
+def _toml_problem(name: str, exc: tomllib.TOMLDecodeError) -> str:
+    text = str(exc)
+    match = re.search(r"\(at line (\d+), column (\d+)\)$", text)
+    if match:
+        reason = text[: match.start()].strip()
+        return f"{name}:{match[1]}:{match[2]}: TOML syntax error: {reason}"
+    return f"{name}: TOML syntax error: {text}"
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate the config at `path`; raise ConfigError listing every problem."""
+    path = Path(path)
+    name = str(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{name}: config file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{name}: is a directory, expected a TOML config file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{name}: cannot read config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_problem(name, exc)]) from None
+    try:
+        return GatewayConfig.model_validate(raw, context={"config_dir": path.parent.absolute()})
+    except ValidationError as exc:
+        raise ConfigError(
+            [
+                f"{name}: {_dotted(error['loc'])}: {_reason(error, raw)}"
+                for error in exc.errors(include_url=False)
+            ]
+        ) from None
+
+
+def _summary(path: str, config: GatewayConfig) -> str:
+    site = config.site
+    where = ", ".join(
+        part
+        for part in (
+            f"substation {site.substation}" if site.substation else "",
+            f"feeder {site.feeder}" if site.feeder else "",
+        )
+        if part
+    )
+    limits = ", ".join(
+        f"{what} limit {value:g} W"
+        for what, value in (("export", site.export_limit_w), ("import", site.import_limit_w))
+        if value is not None
+    )
+    kinds = Counter(device.kind for device in config.devices)
+    by_kind = ", ".join(f"{kinds[kind]} {kind.value}" for kind in DeviceKind if kinds[kind])
+    pcc = config.pcc_meter
+    lines = [
+        f"{path}: OK",
+        f"  gateway  {config.gateway.id} (state_dir {config.gateway.state_dir})",
+        f"  site     {site.id} {site.name!r}"
+        + (f" ({where})" if where else "")
+        + (f"; {limits}" if limits else ""),
+        f"  devices  {len(config.devices)}"
+        + (f": {by_kind}" if by_kind else "")
+        + (f"; pcc meter {pcc.id}" if pcc else ""),
+        f"  uplink   {config.uplink.transport} {config.uplink.target}",
+    ]
+    return "\n".join(lines)
+
+
+def check_config_main(argv: list[str]) -> int:
+    """`dergw check-config FILE`: 0 valid (prints a summary), 1 invalid (stderr), 2 usage."""
+    parser = argparse.ArgumentParser(
+        prog="dergw check-config",
+        description="Validate a dergw gateway config file and print a summary.",
+    )
+    parser.add_argument("file", help="the gateway config (TOML)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on usage errors (2) and on --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{args.file}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return 1
+    print(_summary(args.file, config))
+    return 0
