@@ -1,0 +1,447 @@
+"""The operators' HTTP API (FastAPI), under /api/v1.
+
+Routes read from the `Store` and render with `schemas`; intent posts compose the next version
+with the pure functions of `intents` inside the store's allocating transaction, then wake the
+site's streams through the `Notifier`. Errors are 4xx with a `detail` that says what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+
+from dergw.v1 import pb
+from headend_min.clock import Clock, datetime_from_ns, ns_from_datetime
+from headend_min.fleet import intent_progress, is_online, summarize_feeders
+from headend_min.intents import (
+    EventConflictError,
+    IntentRejected,
+    UnknownEventError,
+    cancel_event,
+    compose_intent,
+    for_device,
+)
+from headend_min.model import (
+    GatewayRecord,
+    HistoryCursor,
+    HistoryQuery,
+    IntentBasis,
+    StoredIntent,
+)
+from headend_min.notify import Notifier
+from headend_min.schemas import (
+    DeviceOut,
+    EventResponseOut,
+    FeederOut,
+    GatewayIntentStatusOut,
+    GatewayOut,
+    HealthOut,
+    HistoryPageOut,
+    HistoryPointOut,
+    IntentCreatedOut,
+    IntentDocumentOut,
+    IntentPostIn,
+    IntentVersionOut,
+    LatestPointOut,
+    ReportedStateOut,
+    SiteDetailOut,
+    SiteOut,
+)
+from headend_min.store import IntentComposer, Store, StoreError, UnknownSiteError
+
+__all__ = ["API_PREFIX", "create_api", "decode_cursor", "encode_cursor"]
+
+API_PREFIX = "/api/v1"
+_HISTORY_MAX_LIMIT = 10_000
+
+
+class CursorError(ValueError):
+    """A history cursor this server did not issue."""
+
+
+def encode_cursor(cursor: HistoryCursor) -> str:
+    raw = json.dumps([cursor.time_ns, cursor.gateway_id, cursor.seq, cursor.index]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> HistoryCursor:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        time_ns, gateway_id, seq, index = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise CursorError(text) from exc
+    if not (
+        isinstance(time_ns, int)
+        and isinstance(gateway_id, str)
+        and isinstance(seq, int)
+        and isinstance(index, int)
+    ):
+        raise CursorError(text)
+    return HistoryCursor(time_ns, gateway_id, seq, index)
+
+
+def _not_found(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=detail)
+
+
+def _rejection(exc: IntentRejected) -> HTTPException:
+    if isinstance(exc, UnknownEventError):
+        return HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc))
+    if isinstance(exc, EventConflictError):
+        return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc))
+
+
+def create_api(
+    *,
+    store: Store,
+    notifier: Notifier,
+    clock: Clock,
+    stale_after_s: float,
+    new_event_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> FastAPI:
+    stale_after_ns = int(stale_after_s * 1e9)
+    app = FastAPI(
+        title="dergw headend",
+        version="1",
+        summary="Fleet, telemetry and desired state (intent) of dergw site gateways.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    router = APIRouter(prefix=API_PREFIX)
+
+    @app.exception_handler(StoreError)
+    async def _store_failed(_request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse(
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            content={"detail": f"the headend database is unavailable ({exc}); retry shortly"},
+        )
+
+    def online(gateway: GatewayRecord, now_ns: int) -> bool:
+        return is_online(gateway, now_ns=now_ns, stale_after_ns=stale_after_ns)
+
+    async def require_site(site_id: str) -> None:
+        if await store.get_site(site_id) is None:
+            raise _not_found(str(UnknownSiteError(site_id)))
+
+    async def require_device(site_id: str, device_id: str) -> None:
+        devices = await store.list_devices(site_id)
+        if not any(record.device.device_id == device_id for record in devices):
+            await require_site(site_id)
+            known = ", ".join(sorted({r.device.device_id for r in devices})) or "none"
+            raise _not_found(
+                f"site {site_id!r} has no device {device_id!r} in its registered inventory "
+                f"(known devices: {known})"
+            )
+
+    async def append_and_publish(
+        site_id: str, compose: IntentComposer, now_ns: int
+    ) -> IntentCreatedOut:
+        try:
+            stored = await store.append_intent(site_id, compose, now_ns)
+        except UnknownSiteError as exc:
+            raise _not_found(str(exc)) from None
+        except IntentRejected as exc:
+            raise _rejection(exc) from None
+        await notifier.publish(site_id, stored.version)
+        return IntentCreatedOut.of(stored)
+
+    async def intent_versions(site_id: str, intents: list[StoredIntent]) -> list[IntentVersionOut]:
+        versions = [stored.version for stored in intents]
+        gateways = await store.list_gateways(site_id)
+        deliveries = {
+            (d.gateway_id, d.version): d for d in await store.intent_deliveries(site_id, versions)
+        }
+        statuses = {
+            (s.gateway_id, s.version): s
+            for s in await store.latest_intent_statuses(site_id, versions)
+        }
+        reported = {r.gateway_id: r for r in await store.latest_reported_states(site_id)}
+        now_ns = clock.wall_ns()
+        result: list[IntentVersionOut] = []
+        for stored in intents:
+            document = IntentDocumentOut.of(stored.document)
+            progress = [
+                GatewayIntentStatusOut.of(
+                    intent_progress(
+                        stored.version,
+                        gateway,
+                        deliveries.get((gateway.gateway_id, stored.version)),
+                        statuses.get((gateway.gateway_id, stored.version)),
+                        reported.get(gateway.gateway_id),
+                    ),
+                    online=online(gateway, now_ns),
+                )
+                for gateway in gateways
+            ]
+            result.append(
+                IntentVersionOut(
+                    site_id=stored.site_id,
+                    version=stored.version,
+                    issued_at=document.issued_at,
+                    document=document,
+                    gateways=progress,
+                )
+            )
+        return result
+
+    # -- health and fleet -----------------------------------------------------------------------
+
+    @router.get("/healthz", response_model=HealthOut, tags=["health"])
+    async def healthz() -> HealthOut:
+        schema_version = await store.schema_version()
+        return HealthOut(
+            status="ok",
+            server_time=datetime_from_ns(clock.wall_ns()),
+            schema_version=schema_version,
+        )
+
+    @router.get("/gateways", response_model=list[GatewayOut], tags=["fleet"])
+    async def list_gateways(site_id: str | None = None) -> list[GatewayOut]:
+        if site_id is not None:
+            await require_site(site_id)
+        now_ns = clock.wall_ns()
+        return [
+            GatewayOut.of(gateway, online=online(gateway, now_ns))
+            for gateway in await store.list_gateways(site_id)
+        ]
+
+    @router.get("/gateways/{gateway_id}", response_model=GatewayOut, tags=["fleet"])
+    async def get_gateway(gateway_id: str) -> GatewayOut:
+        gateway = await store.get_gateway(gateway_id)
+        if gateway is None:
+            raise _not_found(
+                f"unknown gateway {gateway_id!r}: it has never registered "
+                "(GET /api/v1/gateways lists the known gateways)"
+            )
+        return GatewayOut.of(gateway, online=online(gateway, clock.wall_ns()))
+
+    @router.get("/sites", response_model=list[SiteOut], tags=["fleet"])
+    async def list_sites() -> list[SiteOut]:
+        now_ns = clock.wall_ns()
+        gateways = await store.list_gateways()
+        gateways_of: defaultdict[str, list[GatewayRecord]] = defaultdict(list)
+        for gateway in gateways:
+            gateways_of[gateway.site_id].append(gateway)
+        site_of_gateway = {g.gateway_id: g.site_id for g in gateways}
+        device_count: Counter[str] = Counter(
+            site_of_gateway.get(d.gateway_id, "") for d in await store.list_devices()
+        )
+        versions = await store.latest_intent_versions()
+        result: list[SiteOut] = []
+        for record in await store.list_sites():
+            site_id = record.site.site_id
+            site_gateways = gateways_of.get(site_id, [])
+            result.append(
+                SiteOut.of(
+                    record,
+                    gateway_ids=[g.gateway_id for g in site_gateways],
+                    gateways_online=sum(online(g, now_ns) for g in site_gateways),
+                    device_count=device_count[site_id],
+                    intent_version=versions.get(site_id, 0),
+                )
+            )
+        return result
+
+    @router.get("/sites/{site_id}", response_model=SiteDetailOut, tags=["fleet"])
+    async def get_site(site_id: str) -> SiteDetailOut:
+        record = await store.get_site(site_id)
+        if record is None:
+            raise _not_found(str(UnknownSiteError(site_id)))
+        now_ns = clock.wall_ns()
+        gateways = await store.list_gateways(site_id)
+        devices = await store.list_devices(site_id)
+        latest = await store.get_intent(site_id)
+        summary = SiteOut.of(
+            record,
+            gateway_ids=[g.gateway_id for g in gateways],
+            gateways_online=sum(online(g, now_ns) for g in gateways),
+            device_count=len(devices),
+            intent_version=latest.version if latest is not None else 0,
+        )
+        return SiteDetailOut(
+            **summary.model_dump(),
+            gateways=[GatewayOut.of(g, online=online(g, now_ns)) for g in gateways],
+            devices=[DeviceOut.of(d) for d in devices],
+            reported_state=[
+                ReportedStateOut.of(r) for r in await store.latest_reported_states(site_id)
+            ],
+        )
+
+    @router.get("/sites/{site_id}/devices", response_model=list[DeviceOut], tags=["fleet"])
+    async def list_site_devices(site_id: str) -> list[DeviceOut]:
+        await require_site(site_id)
+        return [DeviceOut.of(d) for d in await store.list_devices(site_id)]
+
+    # -- telemetry ------------------------------------------------------------------------------
+
+    @router.get("/telemetry/latest", response_model=list[LatestPointOut], tags=["telemetry"])
+    async def latest_telemetry(site_id: str, device_id: str | None = None) -> list[LatestPointOut]:
+        if device_id is None:
+            await require_site(site_id)
+        else:
+            await require_device(site_id, device_id)
+        points = await store.latest_points(site_id=site_id, device_id=device_id)
+        return [LatestPointOut.of(p) for p in points]
+
+    @router.get("/telemetry/history", response_model=HistoryPageOut, tags=["telemetry"])
+    async def telemetry_history(
+        site_id: str,
+        device_id: str,
+        point: str | None = None,
+        start: Annotated[
+            datetime | None, Query(description="inclusive, ISO-8601 (no offset = UTC)")
+        ] = None,
+        end: Annotated[datetime | None, Query(description="exclusive, ISO-8601")] = None,
+        limit: Annotated[int, Query(ge=1, le=_HISTORY_MAX_LIMIT)] = 1000,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    ) -> HistoryPageOut:
+        start_ns = ns_from_datetime(start) if start is not None else None
+        end_ns = ns_from_datetime(end) if end is not None else None
+        if start_ns is not None and end_ns is not None and start_ns >= end_ns:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail=f"start ({start}) must be before end ({end})",
+            )
+        try:
+            after = decode_cursor(cursor) if cursor is not None else None
+        except CursorError:
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                detail="cursor is not one this API issued; repeat the query without `cursor` "
+                "and follow `next_cursor` from its response",
+            ) from None
+        await require_device(site_id, device_id)
+        page = await store.point_history(
+            HistoryQuery(site_id, device_id, point, start_ns, end_ns, limit, after)
+        )
+        return HistoryPageOut(
+            site_id=site_id,
+            device_id=device_id,
+            point=point,
+            items=[HistoryPointOut.of(p) for p in page.points],
+            next_cursor=encode_cursor(page.next_cursor) if page.next_cursor is not None else None,
+        )
+
+    @router.get("/events", response_model=list[EventResponseOut], tags=["telemetry"])
+    async def list_event_responses(
+        site_id: str | None = None,
+        event_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> list[EventResponseOut]:
+        if site_id is not None:
+            await require_site(site_id)
+        records = await store.event_responses(site_id=site_id, event_id=event_id, limit=limit)
+        return [EventResponseOut.of(r) for r in records]
+
+    # -- desired state --------------------------------------------------------------------------
+
+    @router.post(
+        "/sites/{site_id}/intents",
+        response_model=IntentCreatedOut,
+        status_code=status.HTTP_201_CREATED,
+        tags=["intents"],
+    )
+    async def post_site_intent(site_id: str, body: IntentPostIn) -> IntentCreatedOut:
+        request = body.to_request()
+        now_ns = clock.wall_ns()
+
+        def compose(basis: IntentBasis) -> pb.IntentDocument:
+            return compose_intent(basis, request, now_ns=now_ns, new_event_id=new_event_id)
+
+        return await append_and_publish(site_id, compose, now_ns)
+
+    @router.post(
+        "/sites/{site_id}/devices/{device_id}/intents",
+        response_model=IntentCreatedOut,
+        status_code=status.HTTP_201_CREATED,
+        tags=["intents"],
+    )
+    async def post_device_intent(
+        site_id: str, device_id: str, body: IntentPostIn
+    ) -> IntentCreatedOut:
+        try:
+            request = for_device(body.to_request(), device_id)
+        except IntentRejected as exc:
+            raise _rejection(exc) from None
+        if not request.events:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                detail="a device intent needs at least one event",
+            )
+
+        now_ns = clock.wall_ns()
+
+        def compose(basis: IntentBasis) -> pb.IntentDocument:
+            return compose_intent(
+                basis,
+                request,
+                now_ns=now_ns,
+                new_event_id=new_event_id,
+                scope_device_id=device_id,
+            )
+
+        return await append_and_publish(site_id, compose, now_ns)
+
+    @router.post(
+        "/sites/{site_id}/events/{event_id}/cancel",
+        response_model=IntentCreatedOut,
+        status_code=status.HTTP_201_CREATED,
+        tags=["intents"],
+    )
+    async def cancel_site_event(site_id: str, event_id: str) -> IntentCreatedOut:
+        now_ns = clock.wall_ns()
+
+        def compose(basis: IntentBasis) -> pb.IntentDocument:
+            return cancel_event(basis, event_id, now_ns=now_ns)
+
+        return await append_and_publish(site_id, compose, now_ns)
+
+    @router.get("/sites/{site_id}/intents", response_model=list[IntentVersionOut], tags=["intents"])
+    async def list_site_intents(
+        site_id: str, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    ) -> list[IntentVersionOut]:
+        await require_site(site_id)
+        return await intent_versions(site_id, await store.list_intents(site_id, limit))
+
+    @router.get(
+        "/sites/{site_id}/intents/{version}", response_model=IntentVersionOut, tags=["intents"]
+    )
+    async def get_site_intent(site_id: str, version: int) -> IntentVersionOut:
+        await require_site(site_id)
+        stored = await store.get_intent(site_id, version)
+        if stored is None:
+            latest = await store.get_intent(site_id)
+            raise _not_found(
+                f"site {site_id!r} has no intent version {version} "
+                f"(latest is {latest.version if latest is not None else 'none'})"
+            )
+        return (await intent_versions(site_id, [stored]))[0]
+
+    # -- grid -----------------------------------------------------------------------------------
+
+    @router.get("/grid/feeders", response_model=list[FeederOut], tags=["grid"])
+    async def grid_feeders() -> list[FeederOut]:
+        summaries = summarize_feeders(
+            [record.site for record in await store.list_sites()],
+            await store.list_gateways(),
+            await store.list_devices(),
+            await store.sample_status(),
+            await store.latest_points(site_id=None, point="W"),
+            now_ns=clock.wall_ns(),
+            stale_after_ns=stale_after_ns,
+        )
+        return [FeederOut.of(summary) for summary in summaries]
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,224 @@
+"""Composition of the headend: store + notifier + gRPC server + uvicorn, in one event loop.
+
+`Headend` starts and stops the pieces in order; `serve` runs one until SIGTERM/SIGINT. uvicorn
+runs embedded (`Server.serve()` on our loop, on a socket we bind), with its own signal handling
+switched off so the headend owns shutdown: stop HTTP, end gateway streams with UNAVAILABLE (they
+reconnect elsewhere), stop gRPC, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from types import TracebackType
+
+import grpc
+import uvicorn
+from fastapi import FastAPI
+
+from dergw.v1 import dergw_pb2_grpc, grpc_channel_options
+from headend_min.api import create_api
+from headend_min.clock import Clock, SystemClock
+from headend_min.config import Endpoint, HeadendConfig
+from headend_min.link import GatewayLinkService
+from headend_min.notify import InProcessNotifier, Notifier
+from headend_min.sqlite_store import SqliteStore
+from headend_min.store import Store
+
+__all__ = ["Headend", "HeadendStartError", "serve"]
+
+_log = logging.getLogger(__name__)
+_STARTUP_TIMEOUT_S = 10.0
+_GRPC_GRACE_S = 2.0
+
+
+class HeadendStartError(RuntimeError):
+    """A listener could not be opened; the message names the address."""
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own SIGINT/SIGTERM capture: the headend decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen_http(endpoint: Endpoint) -> socket.socket:
+    """Bind the HTTP listener ourselves, so port 0 works and the real port is known up front."""
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    # proto must say TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+    # the socket's proto is IPPROTO_TCP, and without it every response waits ~40 ms on the
+    # peer's delayed ACK (Nagle). socket.create_server() leaves proto 0.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise HeadendStartError(f"cannot listen for HTTP on {endpoint}: {exc}") from exc
+    return sock
+
+
+class Headend:
+    """One headend instance. `async with Headend(config) as headend:` serves until the block ends.
+
+    A `store` passed in stays owned by the caller (tests use that to wrap or share it); otherwise
+    the SQLite file of `config.db_path` is opened and closed here.
+    """
+
+    def __init__(
+        self,
+        config: HeadendConfig,
+        *,
+        store: Store | None = None,
+        notifier: Notifier | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.notifier: Notifier = notifier or InProcessNotifier()
+        self._given_store = store
+        self._store: Store | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+        self._link: GatewayLinkService | None = None
+        self.api: FastAPI | None = None
+        self.grpc_endpoint = config.grpc
+        self.http_endpoint = config.http
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the headend is not started")
+        return self._store
+
+    @property
+    def link(self) -> GatewayLinkService:
+        if self._link is None:
+            raise RuntimeError("the headend is not started")
+        return self._link
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        self._store = self._given_store or await SqliteStore.open(config.db_path)
+        self._link = GatewayLinkService(
+            self._store,
+            self.notifier,
+            self.clock,
+            presence_interval_s=config.presence_interval_s,
+        )
+        # Same message bounds and keepalive as the gateway's channel (dergw.v1 helpers).
+        self._grpc = grpc.aio.server(options=grpc_channel_options(keepalive_s=config.keepalive_s))
+        dergw_pb2_grpc.add_GatewayLinkServicer_to_server(self._link, self._grpc)
+        try:
+            grpc_port = self._grpc.add_insecure_port(str(config.grpc))
+        except RuntimeError as exc:
+            raise HeadendStartError(f"cannot listen for gRPC on {config.grpc}: {exc}") from exc
+        if grpc_port == 0:
+            raise HeadendStartError(f"cannot listen for gRPC on {config.grpc}")
+        self.grpc_endpoint = Endpoint(config.grpc.host, grpc_port)
+        await self._grpc.start()
+
+        self.api = create_api(
+            store=self._store,
+            notifier=self.notifier,
+            clock=self.clock,
+            stale_after_s=config.stale_after_s,
+        )
+        sock = _listen_http(config.http)
+        self.http_endpoint = Endpoint(config.http.host, sock.getsockname()[1])
+        self._http = _EmbeddedUvicorn(
+            uvicorn.Config(
+                self.api,
+                lifespan="off",
+                log_config=None,  # keep uvicorn from reconfiguring the process's logging
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=2,
+            )
+        )
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        await self._wait_http_started(self._http, self._http_task)
+        self._presence_task = asyncio.create_task(self._link.run_presence())
+        _log.info("headend serving grpc=%s http=%s", self.grpc_endpoint, self.http_endpoint)
+
+    async def _wait_http_started(self, server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _STARTUP_TIMEOUT_S
+        while not server.started:
+            if task.done():
+                task.result()  # re-raises why uvicorn stopped
+                raise HeadendStartError(f"HTTP server on {self.http_endpoint} stopped at startup")
+            if loop.time() > deadline:
+                raise HeadendStartError(f"HTTP server on {self.http_endpoint} did not start")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._http_task
+            self._http_task = None
+        if self._link is not None:
+            self._link.end_all("the headend is shutting down; reconnect")
+        if self._grpc is not None:
+            await self._grpc.stop(grace=_GRPC_GRACE_S)
+            self._grpc = None
+        if self._link is not None:
+            await self._link.wait_closed()
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._presence_task
+            self._presence_task = None
+        await self.notifier.close()
+        if self._store is not None and self._given_store is None:
+            await self._store.close()
+        self._store = None
+
+    async def __aenter__(self) -> Headend:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(
+    config: HeadendConfig, *, on_ready: Callable[[Headend], Awaitable[None] | None]
+) -> None:
+    """Run a headend until SIGTERM or SIGINT, then shut it down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Headend(config) as headend:
+            ready = on_ready(headend)
+            if ready is not None:
+                await ready
+            await stop.wait()
+            _log.info("signal received; shutting down")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,99 @@
+"""`dergw headend run`: start the headend (gRPC link + HTTP API) in one process.
+
+Prints `headend ready grpc=HOST:PORT http=HOST:PORT` (real ports, also for port 0) on stdout once
+both listen; exits 0 on SIGTERM/SIGINT after a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from headend_min.app import Headend, HeadendStartError, serve
+from headend_min.config import (
+    DEFAULT_DB_URL,
+    ConfigError,
+    HeadendConfig,
+    parse_db_url,
+    parse_endpoint,
+)
+from headend_min.store import StoreError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dergw headend", description="The dergw cloud headend (stateless; state in the DB)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve the gateway link (gRPC) and the HTTP API")
+    run.add_argument(
+        "--grpc",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="gateway link listen address (default %(default)s; port 0 = any free port)",
+    )
+    run.add_argument(
+        "--http",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="HTTP API listen address (default %(default)s; port 0 = any free port)",
+    )
+    run.add_argument(
+        "--db",
+        default=DEFAULT_DB_URL,
+        metavar="URL",
+        help="sqlite:///PATH or a plain file path (default %(default)s)",
+    )
+    run.add_argument(
+        "--keepalive-s",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="gRPC keepalive; presence goes stale after twice this (default %(default)s)",
+    )
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level on stderr (default %(default)s)",
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> HeadendConfig:
+    if args.keepalive_s <= 0:
+        raise ConfigError("--keepalive-s must be > 0")
+    return HeadendConfig(
+        grpc=parse_endpoint(args.grpc, flag="--grpc"),
+        http=parse_endpoint(args.http, flag="--http"),
+        db_path=parse_db_url(args.db),
+        keepalive_s=args.keepalive_s,
+    )
+
+
+def _announce(headend: Headend) -> None:
+    print(f"headend ready grpc={headend.grpc_endpoint} http={headend.http_endpoint}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"dergw headend: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config, on_ready=_announce))
+    except (HeadendStartError, StoreError) as exc:
+        print(f"dergw headend: {exc}", file=sys.stderr)
+        return 1
+    return 0

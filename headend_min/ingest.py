@@ -1,0 +1,325 @@
+"""Wire messages in, plain data out (pure; no I/O).
+
+`registration_from_pb` validates a Register and turns it into inventory; `plan_telemetry` checks a
+TelemetryBatch against the contract (gateway id, consecutive seqs, parallel arrays) and splits it
+into the rows each table receives, so the store only runs one executemany per table. Anything
+that breaks the contract raises `ProtocolViolation`, whose message is sent back to the gateway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from google.protobuf.descriptor import EnumDescriptor
+
+from dergw.v1 import MAX_ID_LENGTH, MAX_RECORDS_PER_BATCH, ns_from_timestamp, pb
+from headend_min.model import (
+    DecisionRow,
+    DeviceInfo,
+    EventResponseRow,
+    IntentStatusRow,
+    LatestPointRow,
+    Nameplate,
+    PointInfo,
+    Registration,
+    ReportedStateRow,
+    SampleRow,
+    SampleStatusRow,
+    SiteInfo,
+    TelemetryRows,
+    UnknownRecordRow,
+)
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "ProtocolViolation",
+    "plan_telemetry",
+    "registration_from_pb",
+    "sample_points",
+    "wire_enum_label",
+]
+
+_GOOD = pb.QUALITY_GOOD
+
+
+class ProtocolViolation(ValueError):
+    """An up message that breaks the wire contract; the stream ends with INVALID_ARGUMENT."""
+
+
+def wire_enum_label(enum: EnumDescriptor, number: int, prefix: str) -> str:
+    """`RESPONSE_STATUS_STARTED` -> `STARTED`; numbers from a newer contract -> `UNKNOWN_<n>`."""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return f"UNKNOWN_{number}"
+    return value.name.removeprefix(prefix)
+
+
+def _check_id(value: str, what: str) -> None:
+    if not value:
+        raise ProtocolViolation(f"{what} is empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ProtocolViolation(f"{what} is longer than {MAX_ID_LENGTH} characters")
+
+
+def _check_limit(value: float, what: str) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ProtocolViolation(f"{what} must be a finite number >= 0 W, got {value}")
+
+
+def registration_from_pb(message: pb.Register) -> Registration:
+    _check_id(message.gateway_id, "register.gateway_id")
+    if not message.HasField("site"):
+        raise ProtocolViolation("register.site is missing; the gateway must name its site")
+    site = message.site
+    _check_id(site.site_id, "register.site.site_id")
+    export_limit_w = site.export_limit_w if site.HasField("export_limit_w") else None
+    import_limit_w = site.import_limit_w if site.HasField("import_limit_w") else None
+    if export_limit_w is not None:
+        _check_limit(export_limit_w, "register.site.export_limit_w")
+    if import_limit_w is not None:
+        _check_limit(import_limit_w, "register.site.import_limit_w")
+    devices: list[DeviceInfo] = []
+    seen: set[str] = set()
+    for device in message.devices:
+        _check_id(device.device_id, "register.devices[].device_id")
+        if device.device_id in seen:
+            raise ProtocolViolation(f"register lists device {device.device_id!r} twice")
+        seen.add(device.device_id)
+        plate = device.nameplate
+        devices.append(
+            DeviceInfo(
+                device_id=device.device_id,
+                kind=wire_enum_label(pb.DeviceKind.DESCRIPTOR, device.kind, "DEVICE_KIND_"),
+                protocol=device.protocol,
+                address=device.address,
+                manufacturer=device.manufacturer,
+                model=device.model,
+                serial_number=device.serial_number,
+                role=device.role,
+                nameplate=Nameplate(
+                    max_w=plate.max_w,
+                    max_va=plate.max_va,
+                    max_var=plate.max_var,
+                    max_charge_w=plate.max_charge_w,
+                    max_discharge_w=plate.max_discharge_w,
+                    energy_wh=plate.energy_wh,
+                ),
+                points=tuple(PointInfo(p.name, p.unit, p.writable) for p in device.points),
+            )
+        )
+    return Registration(
+        gateway_id=message.gateway_id,
+        software_version=message.software_version,
+        boot_id=message.boot_id,
+        site=SiteInfo(
+            site_id=site.site_id,
+            name=site.name,
+            substation=site.substation,
+            feeder=site.feeder,
+            export_limit_w=export_limit_w,
+            import_limit_w=import_limit_w,
+        ),
+        devices=tuple(devices),
+        intent_version=message.intent_version,
+        oldest_unacked_seq=message.oldest_unacked_seq,
+        next_seq=message.next_seq,
+    )
+
+
+def _check_sample_shape(sample: pb.DeviceSample, seq: int) -> None:
+    if not sample.device_id:
+        raise ProtocolViolation(f"record seq {seq}: sample.device_id is empty")
+    count = len(sample.names)
+    lengths = {"values": len(sample.values), "units": len(sample.units)}
+    lengths["quality"] = len(sample.quality)
+    if lengths["values"] != count:
+        raise ProtocolViolation(
+            f"record seq {seq}: sample has {count} names but {lengths['values']} values"
+        )
+    for what in ("units", "quality"):
+        # Parallel arrays; units and quality may be left empty (unknown unit / unspecified).
+        if lengths[what] not in (0, count):
+            raise ProtocolViolation(
+                f"record seq {seq}: sample has {count} names but {lengths[what]} {what}"
+            )
+
+
+def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
+    """Validate one batch and split it into per-table rows.
+
+    Latest values are collapsed here to one row per (device, point) - the newest seq wins - so a
+    batch of many reads of the same device costs one upsert per point, not one per read.
+    Samples stay packed (one row per read with the serialized DeviceSample).
+    """
+    if batch.gateway_id != gateway_id:
+        raise ProtocolViolation(
+            f"telemetry batch names gateway {batch.gateway_id!r} "
+            f"but this stream registered {gateway_id!r}"
+        )
+    records = batch.records
+    count = len(records)
+    if count > MAX_RECORDS_PER_BATCH:
+        raise ProtocolViolation(
+            f"telemetry batch has {count} records; at most {MAX_RECORDS_PER_BATCH} are allowed"
+        )
+    rows = TelemetryRows(gateway_id, batch.first_seq, batch.last_seq)
+    if count == 0:
+        return rows
+    first_seq = batch.first_seq
+    if first_seq < 1 or batch.last_seq - first_seq + 1 != count:
+        raise ProtocolViolation(
+            f"telemetry batch says seqs {first_seq}..{batch.last_seq} "
+            f"but carries {count} records (seqs start at 1 and are consecutive)"
+        )
+    samples: list[tuple[int, int, pb.DeviceSample]] = []
+    status: dict[str, SampleStatusRow] = {}
+    for offset, record in enumerate(records):
+        seq = record.seq
+        if seq != first_seq + offset:
+            raise ProtocolViolation(
+                f"telemetry batch {first_seq}..{batch.last_seq}: record {offset} has seq {seq}, "
+                f"expected {first_seq + offset} (records must be consecutive and in order)"
+            )
+        kind = record.WhichOneof("body")
+        if kind == "sample":
+            sample = record.sample
+            _check_sample_shape(sample, seq)
+            device_id = sample.device_id
+            time_ns = ns_from_timestamp(sample.time)
+            rows.samples.append(
+                SampleRow(gateway_id, seq, device_id, time_ns, sample.SerializeToString())
+            )
+            samples.append((seq, time_ns, sample))
+            status[device_id] = SampleStatusRow(
+                gateway_id,
+                device_id,
+                time_ns,
+                seq,
+                int(not sample.error and _GOOD in sample.quality),
+                sample.error,
+            )
+        elif kind == "event_response":
+            response = record.event_response
+            rows.event_responses.append(
+                EventResponseRow(
+                    gateway_id,
+                    seq,
+                    response.intent_version,
+                    response.event_id,
+                    response.status,
+                    response.reason,
+                    ns_from_timestamp(response.time),
+                )
+            )
+        elif kind == "intent_status":
+            intent_status = record.intent_status
+            rows.intent_statuses.append(
+                IntentStatusRow(
+                    gateway_id,
+                    seq,
+                    intent_status.version,
+                    intent_status.state,
+                    intent_status.reason,
+                    ns_from_timestamp(intent_status.time),
+                    intent_status.active_event_id,
+                )
+            )
+        elif kind == "reported_state":
+            state = record.reported_state
+            rows.reported_states.append(
+                ReportedStateRow(
+                    gateway_id,
+                    seq,
+                    ns_from_timestamp(state.time),
+                    state.intent_version,
+                    state.active_event_id,
+                    state.source,
+                    state.SerializeToString(),
+                )
+            )
+        elif kind == "decision":
+            decision = record.decision
+            rows.decisions.append(
+                DecisionRow(
+                    gateway_id,
+                    seq,
+                    ns_from_timestamp(decision.time),
+                    decision.summary,
+                    decision.SerializeToString(),
+                )
+            )
+        else:
+            # No known body: a record kind added to v1 after this headend was built. Keep the
+            # bytes (and ack them) so nothing is lost and a newer headend can decode them.
+            rows.unknown.append(UnknownRecordRow(gateway_id, seq, record.SerializeToString()))
+    rows.latest_points = _latest_points(gateway_id, samples)
+    rows.sample_status = list(status.values())
+    return rows
+
+
+def _latest_points(
+    gateway_id: str, samples: list[tuple[int, int, pb.DeviceSample]]
+) -> list[LatestPointRow]:
+    """The newest value of every (device, point) in the batch.
+
+    Walks the reads newest first and skips a read whose point names a newer read of the same
+    device already covered, so a batch of many reads with the same layout costs one pass over
+    one read per device, not one Python step per point.
+    """
+    latest: list[LatestPointRow] = []
+    layouts_seen: dict[str, set[tuple[str, ...]]] = {}
+    points_taken: dict[str, set[str]] = {}
+    for seq, time_ns, sample in reversed(samples):
+        device_id = sample.device_id
+        layout = tuple(sample.names)
+        layouts = layouts_seen.setdefault(device_id, set())
+        if layout in layouts:
+            continue
+        layouts.add(layout)
+        taken = points_taken.setdefault(device_id, set())
+        units = sample.units
+        qualities = sample.quality
+        values = sample.values
+        for index, name in enumerate(layout):
+            if name in taken:
+                continue
+            taken.add(name)
+            value = values[index]
+            latest.append(
+                LatestPointRow(
+                    gateway_id,
+                    device_id,
+                    name,
+                    value if math.isfinite(value) else None,
+                    units[index] if units else "",
+                    qualities[index] if qualities else pb.QUALITY_UNSPECIFIED,
+                    time_ns,
+                    seq,
+                )
+            )
+    return latest
+
+
+def sample_points(
+    sample: pb.DeviceSample, point: str | None
+) -> Iterable[tuple[int, str, str, float | None, int]]:
+    """(index, name, unit, value, quality) of each point of a stored sample, or of one point."""
+    names = sample.names
+    units = sample.units
+    qualities = sample.quality
+    values = sample.values
+    indexes: Iterable[int]
+    if point is None:
+        indexes = range(len(names))
+    else:
+        indexes = [index for index, name in enumerate(names) if name == point]
+    for index in indexes:
+        value = values[index]
+        yield (
+            index,
+            names[index],
+            units[index] if units else "",
+            value if math.isfinite(value) else None,
+            qualities[index] if qualities else pb.QUALITY_UNSPECIFIED,
+        )

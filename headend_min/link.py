@@ -1,0 +1,334 @@
+"""The gateway link: gRPC `dergw.v1.GatewayLink/Connect`, one bidi stream per gateway.
+
+Per stream: the first message must be `register` (inventory and presence are stored, then a
+RegisterAck, then the site's latest intent document if the gateway holds an older one); a later
+`register` on the same stream (same gateway and site) updates the inventory. After
+that, three things run concurrently and meet in one bounded outbox that the RPC drains:
+
+* the reader commits each telemetry batch and only then queues `Ack(up_to_seq=last_seq)`, and
+  records intent acks;
+* the intent pusher waits on the `Notifier` and queues the newest document of the site;
+* the RPC itself yields queued messages and records which intent versions went out.
+
+The only in-memory state is which streams are open on this process (transport state that
+reconnecting gateways rebuild); presence is written to the store on every message and refreshed
+every `presence_interval_s` while a stream is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from dergw.v1 import dergw_pb2_grpc, pb, timestamp_from_ns
+from headend_min.clock import Clock
+from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
+from headend_min.model import IntentAckInfo, StreamRef
+from headend_min.notify import IntentSubscription, Notifier
+from headend_min.store import Store, StoreError
+
+__all__ = ["GatewayLinkService"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """Ends the RPC: with OK when `code` is None, else with that status and details."""
+
+    code: grpc.StatusCode | None
+    details: str = ""
+
+
+@dataclass(slots=True)
+class _Session:
+    stream: StreamRef
+    site_id: str
+    outbox: asyncio.Queue[pb.DownMessage | _End]
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def end(self, code: grpc.StatusCode, details: str) -> None:
+        """End the stream from outside (replaced, shutting down); queued messages are dropped,
+        which is safe: unacked records are resent and intents are re-sent on reconnect."""
+        for task in self.tasks:
+            task.cancel()
+        while not self.outbox.empty():
+            self.outbox.get_nowait()
+        self.outbox.put_nowait(_End(code, details))
+
+
+class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
+    def __init__(
+        self,
+        store: Store,
+        notifier: Notifier,
+        clock: Clock,
+        *,
+        presence_interval_s: float,
+        register_timeout_s: float = 30.0,
+        outbox_size: int = 32,
+    ) -> None:
+        self._store = store
+        self._notifier = notifier
+        self._clock = clock
+        self._presence_interval_s = presence_interval_s
+        self._register_timeout_s = register_timeout_s
+        self._outbox_size = outbox_size
+        # gateway_id -> its open stream on this process.
+        self._sessions: dict[str, _Session] = {}
+        # Store updates of ended streams still in flight (strong references).
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._sessions)
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[pb.UpMessage],
+        context: grpc.aio.ServicerContext[pb.UpMessage, pb.DownMessage],
+    ) -> AsyncIterator[pb.DownMessage]:
+        requests = aiter(request_iterator)
+        try:
+            async with asyncio.timeout(self._register_timeout_s):
+                first = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no `register` within {self._register_timeout_s:g} s of opening the stream",
+            )
+        if first is None:
+            return
+        if first.WhichOneof("body") != "register":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message on a GatewayLink stream must be `register`, got "
+                f"`{first.WhichOneof('body') or 'an empty UpMessage'}`",
+            )
+        try:
+            registration = registration_from_pb(first.register)
+        except ProtocolViolation as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid register: {exc}")
+
+        stream = StreamRef(registration.gateway_id, uuid.uuid4().hex)
+        site_id = registration.site.site_id
+        session = _Session(stream, site_id, asyncio.Queue(self._outbox_size))
+        # Subscribe before the registration reads the site's latest version: a version posted
+        # in between is then both in the subscription and (harmlessly) possibly in the read.
+        async with self._notifier.subscribe(site_id) as versions:
+            try:
+                now_ns = self._clock.wall_ns()
+                try:
+                    outcome = await self._store.register_gateway(registration, stream, now_ns)
+                except StoreError:
+                    _log.exception("register of %s failed", registration.gateway_id)
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "headend storage error during register; retry"
+                    )
+                self._adopt(session)
+                _log.info(
+                    "gateway %s (site %s) connected: committed_seq=%d, holds v%d, latest v%d",
+                    stream.gateway_id,
+                    site_id,
+                    outcome.committed_seq,
+                    registration.intent_version,
+                    outcome.site_intent_version,
+                )
+                yield pb.DownMessage(
+                    register_ack=pb.RegisterAck(
+                        committed_seq=outcome.committed_seq,
+                        intent_version=outcome.site_intent_version,
+                        server_time=timestamp_from_ns(now_ns),
+                    )
+                )
+                session.tasks.append(asyncio.create_task(self._read(session, requests)))
+                session.tasks.append(
+                    asyncio.create_task(
+                        self._push_intents(
+                            session,
+                            versions,
+                            held_version=registration.intent_version,
+                            latest_version=outcome.site_intent_version,
+                        )
+                    )
+                )
+                while True:
+                    item = await session.outbox.get()
+                    if isinstance(item, _End):
+                        if item.code is None:
+                            return
+                        await context.abort(item.code, item.details)
+                    yield item
+                    if item.HasField("intent"):
+                        await self._record_delivery(stream, item.intent)
+            finally:
+                # Also when cancelled mid-register: the row then reads closed, not stale-open.
+                await self._finish(session)
+
+    def _adopt(self, session: _Session) -> None:
+        gateway_id = session.stream.gateway_id
+        previous = self._sessions.get(gateway_id)
+        self._sessions[gateway_id] = session
+        if previous is not None:
+            # The older stream is most likely half-open (the gateway reconnected after a network
+            # blip); ending it stops duplicate intent pushes to the same gateway.
+            previous.end(
+                grpc.StatusCode.ABORTED,
+                f"replaced by a newer stream of gateway {gateway_id!r}",
+            )
+
+    async def _finish(self, session: _Session) -> None:
+        # gRPC may cancel the RPC task again while this runs (the client's cancel arrives after
+        # its EOF), so the bookkeeping is synchronous and the store update runs as its own task.
+        for task in session.tasks:
+            task.cancel()
+        gateway_id = session.stream.gateway_id
+        if self._sessions.get(gateway_id) is session:
+            del self._sessions[gateway_id]
+        closing = asyncio.create_task(self._close_stream(session.stream))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        await asyncio.gather(*session.tasks, return_exceptions=True)
+        await asyncio.shield(closing)
+
+    async def _close_stream(self, stream: StreamRef) -> None:
+        try:
+            await self._store.close_stream(stream, self._clock.wall_ns())
+        except StoreError:
+            # The row then goes stale and reads offline after 2 x keepalive anyway.
+            _log.warning("could not record that the stream of %s closed", stream.gateway_id)
+        _log.info("gateway %s disconnected", stream.gateway_id)
+
+    async def wait_closed(self) -> None:
+        """Wait until every ended stream has been recorded as closed (before closing the store)."""
+        while pending := [task for task in self._closing if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _record_delivery(self, stream: StreamRef, document: pb.IntentDocument) -> None:
+        try:
+            await self._store.record_intent_delivery(
+                stream.gateway_id, document.site_id, document.version, self._clock.wall_ns()
+            )
+        except StoreError:
+            # Delivery bookkeeping is informational; the gateway's ack is what counts.
+            _log.warning("could not record delivery of v%d to %s", document.version, stream)
+
+    async def _read(self, session: _Session, requests: AsyncIterator[pb.UpMessage]) -> None:
+        end = _End(None)
+        try:
+            async for message in requests:
+                await self._handle(session, message)
+        except ProtocolViolation as exc:
+            end = _End(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except StoreError:
+            _log.exception("storage failed for gateway %s", session.stream.gateway_id)
+            end = _End(
+                grpc.StatusCode.UNAVAILABLE,
+                "headend storage error; reconnect and resend unacked records",
+            )
+        except Exception:
+            # Task boundary: without this a bug here would leave the RPC waiting forever.
+            _log.exception("unexpected error on the stream of %s", session.stream.gateway_id)
+            end = _End(grpc.StatusCode.INTERNAL, "headend error; see the headend log")
+        await session.outbox.put(end)
+
+    async def _handle(self, session: _Session, message: pb.UpMessage) -> None:
+        kind = message.WhichOneof("body")
+        gateway_id = session.stream.gateway_id
+        if kind == "telemetry":
+            batch = message.telemetry
+            rows = plan_telemetry(batch, gateway_id)
+            committed_seq = await self._store.commit_telemetry(rows, self._clock.wall_ns())
+            # Acked only now that the batch is committed. An empty batch acks the watermark.
+            up_to_seq = batch.last_seq if batch.records else committed_seq
+            await session.outbox.put(pb.DownMessage(ack=pb.Ack(up_to_seq=up_to_seq)))
+        elif kind == "intent_ack":
+            ack = message.intent_ack
+            if ack.site_id != session.site_id:
+                raise ProtocolViolation(
+                    f"intent_ack names site {ack.site_id!r} but this stream registered site "
+                    f"{session.site_id!r}"
+                )
+            await self._store.record_intent_ack(
+                gateway_id,
+                IntentAckInfo(ack.site_id, ack.version, ack.status, ack.reason),
+                self._clock.wall_ns(),
+            )
+        elif kind == "register":
+            # A re-register on an open stream updates the inventory (a device the gateway
+            # discovered after connecting); identity and site cannot change on a stream.
+            registration = registration_from_pb(message.register)
+            if (
+                registration.gateway_id != gateway_id
+                or registration.site.site_id != session.site_id
+            ):
+                raise ProtocolViolation(
+                    "a `register` on an open stream must keep its gateway id and site "
+                    f"({gateway_id!r}, {session.site_id!r}); open a new stream to change them"
+                )
+            now_ns = self._clock.wall_ns()
+            outcome = await self._store.register_gateway(registration, session.stream, now_ns)
+            await session.outbox.put(
+                pb.DownMessage(
+                    register_ack=pb.RegisterAck(
+                        committed_seq=outcome.committed_seq,
+                        intent_version=outcome.site_intent_version,
+                        server_time=timestamp_from_ns(now_ns),
+                    )
+                )
+            )
+        else:
+            # A message kind added to v1 after this headend was built: additive, so ignore it.
+            _log.debug("ignoring an UpMessage without a known body from %s", gateway_id)
+
+    async def _push_intents(
+        self,
+        session: _Session,
+        versions: IntentSubscription,
+        *,
+        held_version: int,
+        latest_version: int,
+    ) -> None:
+        sent_version = held_version
+        try:
+            if latest_version > sent_version:
+                sent_version = await self._queue_latest_intent(session, sent_version)
+            async for version in versions:
+                if version > sent_version:
+                    sent_version = await self._queue_latest_intent(session, sent_version)
+        except StoreError:
+            _log.exception("intent push to %s failed", session.stream.gateway_id)
+            await session.outbox.put(
+                _End(grpc.StatusCode.UNAVAILABLE, "headend storage error; reconnect")
+            )
+        except Exception:
+            _log.exception("unexpected error pushing intents to %s", session.stream.gateway_id)
+            await session.outbox.put(_End(grpc.StatusCode.INTERNAL, "headend error; see its log"))
+
+    async def _queue_latest_intent(self, session: _Session, sent_version: int) -> int:
+        # Always the newest document: versions posted in a burst collapse into one send.
+        stored = await self._store.get_intent(session.site_id)
+        if stored is None or stored.version <= sent_version:
+            return sent_version
+        await session.outbox.put(pb.DownMessage(intent=stored.document))
+        return stored.version
+
+    async def run_presence(self) -> None:
+        """Refresh last_seen of every open stream, forever (cancel to stop)."""
+        while True:
+            await asyncio.sleep(self._presence_interval_s)
+            streams = [session.stream for session in self._sessions.values()]
+            try:
+                await self._store.touch_streams(streams, self._clock.wall_ns())
+            except StoreError:
+                _log.exception("presence refresh failed for %d streams", len(streams))
+
+    def end_all(self, details: str) -> None:
+        """Ask every open stream to end with UNAVAILABLE (gateways reconnect elsewhere)."""
+        for session in list(self._sessions.values()):
+            session.end(grpc.StatusCode.UNAVAILABLE, details)

@@ -1,0 +1,166 @@
+"""The SQLite schema of the headend, as an append-only list of versioned migrations.
+
+`SqliteStore` applies every migration newer than the database's `schema_migrations` version, each
+in its own transaction. Never edit a released migration: add the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["MIGRATIONS", "Migration"]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE sites (
+                site_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                substation TEXT NOT NULL,
+                feeder TEXT NOT NULL,
+                export_limit_w REAL,
+                import_limit_w REAL,
+                updated_at_ns INTEGER NOT NULL
+            )""",
+            """CREATE TABLE gateways (
+                gateway_id TEXT PRIMARY KEY,
+                site_id TEXT NOT NULL,
+                software_version TEXT NOT NULL,
+                boot_id TEXT NOT NULL,
+                registered_at_ns INTEGER NOT NULL,
+                stream_id TEXT,
+                stream_open INTEGER NOT NULL DEFAULT 0,
+                connected_since_ns INTEGER,
+                last_seen_ns INTEGER,
+                intent_version INTEGER NOT NULL DEFAULT 0,
+                committed_seq INTEGER NOT NULL DEFAULT 0,
+                oldest_unacked_seq INTEGER NOT NULL DEFAULT 0,
+                next_seq INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX gateways_by_site ON gateways (site_id)",
+            """CREATE TABLE devices (
+                gateway_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                protocol TEXT NOT NULL,
+                address TEXT NOT NULL,
+                manufacturer TEXT NOT NULL,
+                model TEXT NOT NULL,
+                serial_number TEXT NOT NULL,
+                role TEXT NOT NULL,
+                max_w REAL NOT NULL,
+                max_va REAL NOT NULL,
+                max_var REAL NOT NULL,
+                max_charge_w REAL NOT NULL,
+                max_discharge_w REAL NOT NULL,
+                energy_wh REAL NOT NULL,
+                points_json TEXT NOT NULL,
+                PRIMARY KEY (gateway_id, device_id)
+            ) WITHOUT ROWID""",
+            # One row per device read; the points stay packed in the serialized DeviceSample.
+            """CREATE TABLE samples (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                device_id TEXT NOT NULL,
+                time_ns INTEGER NOT NULL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            "CREATE INDEX samples_by_device_time ON samples (gateway_id, device_id, time_ns, seq)",
+            """CREATE TABLE latest_points (
+                gateway_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                point TEXT NOT NULL,
+                value REAL,
+                unit TEXT NOT NULL,
+                quality INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                PRIMARY KEY (gateway_id, device_id, point)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE sample_status (
+                gateway_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                time_ns INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                ok INTEGER NOT NULL,
+                error TEXT NOT NULL,
+                PRIMARY KEY (gateway_id, device_id)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE event_responses (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                intent_version INTEGER NOT NULL,
+                event_id TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                time_ns INTEGER NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            "CREATE INDEX event_responses_by_time ON event_responses (gateway_id, time_ns)",
+            """CREATE TABLE intent_statuses (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                version INTEGER NOT NULL,
+                state INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                time_ns INTEGER NOT NULL,
+                active_event_id TEXT NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            "CREATE INDEX intent_statuses_by_version ON intent_statuses (gateway_id, version, seq)",
+            """CREATE TABLE reported_states (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                intent_version INTEGER NOT NULL,
+                active_event_id TEXT NOT NULL,
+                source INTEGER NOT NULL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            """CREATE TABLE decisions (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                summary TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            """CREATE TABLE unknown_records (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            """CREATE TABLE intents (
+                site_id TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                issued_at_ns INTEGER NOT NULL,
+                document BLOB NOT NULL,
+                PRIMARY KEY (site_id, version)
+            )""",
+            """CREATE TABLE intent_deliveries (
+                gateway_id TEXT NOT NULL,
+                site_id TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                delivered_at_ns INTEGER,
+                ack_status INTEGER,
+                ack_reason TEXT NOT NULL DEFAULT '',
+                acked_at_ns INTEGER,
+                PRIMARY KEY (gateway_id, site_id, version)
+            )""",
+            "CREATE INDEX intent_deliveries_by_site ON intent_deliveries (site_id, version)",
+        ),
+    ),
+)

@@ -1,0 +1,835 @@
+"""SQLite implementation of `store.Store`.
+
+One connection, owned by one dedicated worker thread: every statement runs there, so the event
+loop never blocks on disk and SQLite never sees two threads. WAL mode with synchronous=FULL,
+because the link acks a telemetry batch as soon as `commit_telemetry` returns and an ack must
+survive a power cut. Each telemetry batch is one transaction of a few `executemany` calls (one per
+table), with samples stored packed: one row per device read, not per point.
+
+The schema is versioned in `schema_migrations` (see `sqlite_schema`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from dergw.v1 import ns_from_timestamp, pb
+from headend_min.ingest import sample_points
+from headend_min.model import (
+    DeviceInfo,
+    DeviceRecord,
+    EventResponseRecord,
+    GatewayRecord,
+    HistoryCursor,
+    HistoryPage,
+    HistoryPoint,
+    HistoryQuery,
+    IntentAckInfo,
+    IntentBasis,
+    IntentDeliveryRecord,
+    IntentStatusRecord,
+    LatestPoint,
+    Nameplate,
+    PointInfo,
+    RegisterOutcome,
+    Registration,
+    ReportedStateRecord,
+    SampleStatus,
+    SiteInfo,
+    SiteRecord,
+    StoredIntent,
+    StreamRef,
+    TelemetryRows,
+)
+from headend_min.sqlite_schema import MIGRATIONS
+from headend_min.store import (
+    IntentComposer,
+    SchemaTooNewError,
+    StoreError,
+    UnknownSiteError,
+)
+
+__all__ = ["SqliteStore"]
+
+_log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+_GATEWAY_COLUMNS = (
+    "gateway_id, site_id, software_version, boot_id, registered_at_ns, stream_open, "
+    "connected_since_ns, last_seen_ns, intent_version, committed_seq, oldest_unacked_seq, next_seq"
+)
+_SITE_COLUMNS = "site_id, name, substation, feeder, export_limit_w, import_limit_w, updated_at_ns"
+_DEVICE_COLUMNS = (
+    "gateway_id, device_id, kind, protocol, address, manufacturer, model, serial_number, role, "
+    "max_w, max_va, max_var, max_charge_w, max_discharge_w, energy_wh, points_json"
+)
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _gateway(row: Sequence[Any]) -> GatewayRecord:
+    return GatewayRecord(
+        gateway_id=row[0],
+        site_id=row[1],
+        software_version=row[2],
+        boot_id=row[3],
+        registered_at_ns=row[4],
+        stream_open=bool(row[5]),
+        connected_since_ns=row[6],
+        last_seen_ns=row[7],
+        intent_version=row[8],
+        committed_seq=row[9],
+        oldest_unacked_seq=row[10],
+        next_seq=row[11],
+    )
+
+
+def _site(row: Sequence[Any]) -> SiteRecord:
+    return SiteRecord(
+        site=SiteInfo(
+            site_id=row[0],
+            name=row[1],
+            substation=row[2],
+            feeder=row[3],
+            export_limit_w=row[4],
+            import_limit_w=row[5],
+        ),
+        updated_at_ns=row[6],
+    )
+
+
+def _device(row: Sequence[Any]) -> DeviceRecord:
+    points = tuple(
+        PointInfo(name, unit, bool(writable)) for name, unit, writable in json.loads(row[15])
+    )
+    return DeviceRecord(
+        gateway_id=row[0],
+        device=DeviceInfo(
+            device_id=row[1],
+            kind=row[2],
+            protocol=row[3],
+            address=row[4],
+            manufacturer=row[5],
+            model=row[6],
+            serial_number=row[7],
+            role=row[8],
+            nameplate=Nameplate(
+                max_w=row[9],
+                max_va=row[10],
+                max_var=row[11],
+                max_charge_w=row[12],
+                max_discharge_w=row[13],
+                energy_wh=row[14],
+            ),
+            points=points,
+        ),
+    )
+
+
+def _device_row(gateway_id: str, device: DeviceInfo) -> tuple[object, ...]:
+    plate = device.nameplate
+    return (
+        gateway_id,
+        device.device_id,
+        device.kind,
+        device.protocol,
+        device.address,
+        device.manufacturer,
+        device.model,
+        device.serial_number,
+        device.role,
+        plate.max_w,
+        plate.max_va,
+        plate.max_var,
+        plate.max_charge_w,
+        plate.max_discharge_w,
+        plate.energy_wh,
+        json.dumps([[p.name, p.unit, p.writable] for p in device.points]),
+    )
+
+
+def _intent(row: Sequence[Any]) -> StoredIntent:
+    return StoredIntent(
+        site_id=row[0],
+        version=row[1],
+        issued_at_ns=row[2],
+        document=pb.IntentDocument.FromString(row[3]),
+    )
+
+
+class SqliteStore:
+    """`Store` on one SQLite file; construct with `await SqliteStore.open(path)`."""
+
+    def __init__(self, path: Path, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headend-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, path: Path | str, *, synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    ) -> SqliteStore:
+        """Open (creating and migrating as needed).
+
+        `synchronous="FULL"` (default) makes every commit survive a power cut, which an ack
+        promises; "NORMAL" survives a process crash only, and commits several times faster.
+        """
+        store = cls(Path(path), synchronous=synchronous)
+        try:
+            await store._call(store._open_sync)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, functools.partial(fn, *args, **kwargs)
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(sqlite3.Error):
+            await loop.run_in_executor(self._executor, self._close_sync)
+        self._closed = True
+        # Waits for nothing: the close job above was the last one queued on the worker.
+        self._executor.shutdown(wait=True)
+
+    # -- worker-thread internals ----------------------------------------------------------------
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    def _open_sync(self) -> None:
+        if str(self._path) != ":memory:":
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, isolation_level=None)
+        self._db = db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and str(self._path) != ":memory:":
+            raise StoreError(f"{self._path}: cannot switch to WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA temp_store=MEMORY")
+        self._migrate_sync()
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate_sync(self) -> None:
+        db = self._conn
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                version INTEGER PRIMARY KEY,
+                name TEXT NOT NULL,
+                applied_at_ns INTEGER NOT NULL
+            )"""
+        )
+        current = int(
+            db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        )
+        known = MIGRATIONS[-1].version
+        if current > known:
+            raise SchemaTooNewError(
+                f"{self._path} has schema version {current}, this headend knows up to {known}; "
+                "run a newer headend or point --db at another file"
+            )
+        for migration in MIGRATIONS:
+            if migration.version <= current:
+                continue
+            with self._transaction() as tx:
+                for statement in migration.statements:
+                    tx.execute(statement)
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at_ns) "
+                    "VALUES (?, ?, CAST(strftime('%s', 'now') AS INTEGER) * 1000000000)",
+                    (migration.version, migration.name),
+                )
+            _log.info(
+                "migrated %s to schema version %d (%s)",
+                self._path,
+                migration.version,
+                migration.name,
+            )
+
+    def _schema_version_sync(self) -> int:
+        return int(
+            self._conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"
+            ).fetchone()[0]
+        )
+
+    def _register_sync(
+        self, registration: Registration, stream: StreamRef, now_ns: int
+    ) -> RegisterOutcome:
+        site = registration.site
+        with self._transaction() as tx:
+            tx.execute(
+                f"INSERT INTO sites ({_SITE_COLUMNS}) VALUES ({_placeholders(7)}) "
+                "ON CONFLICT (site_id) DO UPDATE SET name = excluded.name, "
+                "substation = excluded.substation, feeder = excluded.feeder, "
+                "export_limit_w = excluded.export_limit_w, "
+                "import_limit_w = excluded.import_limit_w, updated_at_ns = excluded.updated_at_ns",
+                (
+                    site.site_id,
+                    site.name,
+                    site.substation,
+                    site.feeder,
+                    site.export_limit_w,
+                    site.import_limit_w,
+                    now_ns,
+                ),
+            )
+            tx.execute(
+                "INSERT INTO gateways (gateway_id, site_id, software_version, boot_id, "
+                "registered_at_ns, stream_id, stream_open, connected_since_ns, last_seen_ns, "
+                "intent_version, oldest_unacked_seq, next_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway_id) DO UPDATE SET site_id = excluded.site_id, "
+                "software_version = excluded.software_version, boot_id = excluded.boot_id, "
+                "registered_at_ns = excluded.registered_at_ns, stream_id = excluded.stream_id, "
+                "stream_open = 1, connected_since_ns = excluded.connected_since_ns, "
+                "last_seen_ns = excluded.last_seen_ns, intent_version = excluded.intent_version, "
+                "oldest_unacked_seq = excluded.oldest_unacked_seq, next_seq = excluded.next_seq",
+                (
+                    registration.gateway_id,
+                    site.site_id,
+                    registration.software_version,
+                    registration.boot_id,
+                    now_ns,
+                    stream.stream_id,
+                    now_ns,
+                    now_ns,
+                    registration.intent_version,
+                    registration.oldest_unacked_seq,
+                    registration.next_seq,
+                ),
+            )
+            # The inventory is whatever the gateway reports now: devices it no longer lists go.
+            tx.execute("DELETE FROM devices WHERE gateway_id = ?", (registration.gateway_id,))
+            tx.executemany(
+                f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_placeholders(16)})",
+                [_device_row(registration.gateway_id, device) for device in registration.devices],
+            )
+            committed_seq = tx.execute(
+                "SELECT committed_seq FROM gateways WHERE gateway_id = ?",
+                (registration.gateway_id,),
+            ).fetchone()[0]
+            site_version = tx.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM intents WHERE site_id = ?",
+                (site.site_id,),
+            ).fetchone()[0]
+        return RegisterOutcome(
+            committed_seq=int(committed_seq), site_intent_version=int(site_version)
+        )
+
+    def _touch_sync(self, streams: Sequence[StreamRef], now_ns: int) -> None:
+        with self._transaction() as tx:
+            tx.executemany(
+                "UPDATE gateways SET last_seen_ns = ? "
+                "WHERE gateway_id = ? AND stream_id = ? AND stream_open = 1",
+                [(now_ns, s.gateway_id, s.stream_id) for s in streams],
+            )
+
+    def _close_stream_sync(self, stream: StreamRef, now_ns: int) -> None:
+        with self._transaction() as tx:
+            tx.execute(
+                "UPDATE gateways SET stream_open = 0, last_seen_ns = ? "
+                "WHERE gateway_id = ? AND stream_id = ?",
+                (now_ns, stream.gateway_id, stream.stream_id),
+            )
+
+    def _commit_telemetry_sync(self, rows: TelemetryRows, now_ns: int) -> int:
+        with self._transaction() as tx:
+            # Dedupe: every table is keyed by (gateway_id, seq); a replayed record is ignored.
+            if rows.samples:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO samples (gateway_id, seq, device_id, time_ns, payload) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows.samples,
+                )
+            if rows.latest_points:
+                # Newest seq wins, so a replayed older batch cannot roll a value back.
+                tx.executemany(
+                    "INSERT INTO latest_points (gateway_id, device_id, point, value, unit, "
+                    "quality, time_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
+                    "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
+                    "time_ns = excluded.time_ns, seq = excluded.seq "
+                    "WHERE excluded.seq > latest_points.seq",
+                    rows.latest_points,
+                )
+            if rows.sample_status:
+                tx.executemany(
+                    "INSERT INTO sample_status (gateway_id, device_id, time_ns, seq, ok, error) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (gateway_id, device_id) DO UPDATE SET "
+                    "time_ns = excluded.time_ns, seq = excluded.seq, ok = excluded.ok, "
+                    "error = excluded.error WHERE excluded.seq > sample_status.seq",
+                    rows.sample_status,
+                )
+            if rows.event_responses:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO event_responses (gateway_id, seq, intent_version, "
+                    "event_id, status, reason, time_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows.event_responses,
+                )
+            if rows.intent_statuses:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO intent_statuses (gateway_id, seq, version, state, "
+                    "reason, time_ns, active_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows.intent_statuses,
+                )
+            if rows.reported_states:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO reported_states (gateway_id, seq, time_ns, "
+                    "intent_version, active_event_id, source, payload) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows.reported_states,
+                )
+            if rows.decisions:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO decisions (gateway_id, seq, time_ns, summary, payload) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows.decisions,
+                )
+            if rows.unknown:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO unknown_records (gateway_id, seq, payload) "
+                    "VALUES (?, ?, ?)",
+                    rows.unknown,
+                )
+            tx.execute(
+                "UPDATE gateways SET committed_seq = MAX(committed_seq, ?), last_seen_ns = ? "
+                "WHERE gateway_id = ?",
+                (rows.last_seq, now_ns, rows.gateway_id),
+            )
+            row = tx.execute(
+                "SELECT committed_seq FROM gateways WHERE gateway_id = ?", (rows.gateway_id,)
+            ).fetchone()
+        return int(row[0]) if row is not None else rows.last_seq
+
+    def _record_delivery_sync(
+        self, gateway_id: str, site_id: str, version: int, now_ns: int
+    ) -> None:
+        with self._transaction() as tx:
+            tx.execute(
+                "INSERT INTO intent_deliveries (gateway_id, site_id, version, delivered_at_ns) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (gateway_id, site_id, version) DO UPDATE SET "
+                "delivered_at_ns = COALESCE(intent_deliveries.delivered_at_ns, "
+                "excluded.delivered_at_ns)",
+                (gateway_id, site_id, version, now_ns),
+            )
+
+    def _record_ack_sync(self, gateway_id: str, ack: IntentAckInfo, now_ns: int) -> None:
+        with self._transaction() as tx:
+            tx.execute(
+                "INSERT INTO intent_deliveries (gateway_id, site_id, version, ack_status, "
+                "ack_reason, acked_at_ns) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway_id, site_id, version) DO UPDATE SET "
+                "ack_status = excluded.ack_status, ack_reason = excluded.ack_reason, "
+                "acked_at_ns = excluded.acked_at_ns",
+                (gateway_id, ack.site_id, ack.version, ack.status, ack.reason, now_ns),
+            )
+            if ack.status == pb.INTENT_ACK_STATUS_PERSISTED:
+                tx.execute(
+                    "UPDATE gateways SET intent_version = MAX(intent_version, ?), "
+                    "last_seen_ns = ? WHERE gateway_id = ?",
+                    (ack.version, now_ns, gateway_id),
+                )
+            else:
+                tx.execute(
+                    "UPDATE gateways SET last_seen_ns = ? WHERE gateway_id = ?",
+                    (now_ns, gateway_id),
+                )
+
+    def _append_intent_sync(
+        self, site_id: str, compose: IntentComposer, now_ns: int
+    ) -> StoredIntent:
+        with self._transaction() as tx:
+            if tx.execute("SELECT 1 FROM sites WHERE site_id = ?", (site_id,)).fetchone() is None:
+                raise UnknownSiteError(site_id)
+            row = tx.execute(
+                "SELECT version, document FROM intents WHERE site_id = ? "
+                "ORDER BY version DESC LIMIT 1",
+                (site_id,),
+            ).fetchone()
+            previous = pb.IntentDocument.FromString(row[1]) if row is not None else None
+            next_version = (int(row[0]) if row is not None else 0) + 1
+            device_ids = frozenset(
+                device_id
+                for (device_id,) in tx.execute(
+                    "SELECT d.device_id FROM devices d JOIN gateways g "
+                    "ON g.gateway_id = d.gateway_id WHERE g.site_id = ?",
+                    (site_id,),
+                )
+            )
+            document = compose(IntentBasis(site_id, previous, next_version, device_ids))
+            if document.version != next_version or document.site_id != site_id:
+                raise StoreError(
+                    f"composer returned {document.site_id!r} v{document.version}, "
+                    f"expected {site_id!r} v{next_version}"
+                )
+            issued_at_ns = ns_from_timestamp(document.issued_at) or now_ns
+            tx.execute(
+                "INSERT INTO intents (site_id, version, issued_at_ns, document) "
+                "VALUES (?, ?, ?, ?)",
+                (site_id, next_version, issued_at_ns, document.SerializeToString()),
+            )
+        return StoredIntent(site_id, next_version, issued_at_ns, document)
+
+    def _get_intent_sync(self, site_id: str, version: int | None) -> StoredIntent | None:
+        if version is None:
+            row = self._conn.execute(
+                "SELECT site_id, version, issued_at_ns, document FROM intents "
+                "WHERE site_id = ? ORDER BY version DESC LIMIT 1",
+                (site_id,),
+            ).fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT site_id, version, issued_at_ns, document FROM intents "
+                "WHERE site_id = ? AND version = ?",
+                (site_id, version),
+            ).fetchone()
+        return _intent(row) if row is not None else None
+
+    def _list_intents_sync(self, site_id: str, limit: int) -> list[StoredIntent]:
+        rows = self._conn.execute(
+            "SELECT site_id, version, issued_at_ns, document FROM intents "
+            "WHERE site_id = ? ORDER BY version DESC LIMIT ?",
+            (site_id, limit),
+        ).fetchall()
+        return [_intent(row) for row in rows]
+
+    def _latest_intent_versions_sync(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT site_id, MAX(version) FROM intents GROUP BY site_id")
+        return {site_id: int(version) for site_id, version in rows}
+
+    def _intent_deliveries_sync(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentDeliveryRecord]:
+        if not versions:
+            return []
+        rows = self._conn.execute(
+            "SELECT gateway_id, version, delivered_at_ns, ack_status, ack_reason, acked_at_ns "
+            "FROM intent_deliveries WHERE site_id = ? "
+            f"AND version IN ({_placeholders(len(versions))})",
+            (site_id, *versions),
+        ).fetchall()
+        return [IntentDeliveryRecord(*row) for row in rows]
+
+    def _latest_intent_statuses_sync(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentStatusRecord]:
+        if not versions:
+            return []
+        rows = self._conn.execute(
+            "SELECT s.gateway_id, s.seq, s.version, s.state, s.reason, s.time_ns, "
+            "s.active_event_id FROM intent_statuses s "
+            "JOIN gateways g ON g.gateway_id = s.gateway_id "
+            f"WHERE g.site_id = ? AND s.version IN ({_placeholders(len(versions))}) "
+            "AND s.seq = (SELECT MAX(x.seq) FROM intent_statuses x "
+            "WHERE x.gateway_id = s.gateway_id AND x.version = s.version)",
+            (site_id, *versions),
+        ).fetchall()
+        return [IntentStatusRecord(*row) for row in rows]
+
+    def _list_gateways_sync(self, site_id: str | None) -> list[GatewayRecord]:
+        if site_id is None:
+            rows = self._conn.execute(
+                f"SELECT {_GATEWAY_COLUMNS} FROM gateways ORDER BY gateway_id"
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                f"SELECT {_GATEWAY_COLUMNS} FROM gateways WHERE site_id = ? ORDER BY gateway_id",
+                (site_id,),
+            ).fetchall()
+        return [_gateway(row) for row in rows]
+
+    def _get_gateway_sync(self, gateway_id: str) -> GatewayRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_GATEWAY_COLUMNS} FROM gateways WHERE gateway_id = ?", (gateway_id,)
+        ).fetchone()
+        return _gateway(row) if row is not None else None
+
+    def _list_sites_sync(self) -> list[SiteRecord]:
+        rows = self._conn.execute(f"SELECT {_SITE_COLUMNS} FROM sites ORDER BY site_id").fetchall()
+        return [_site(row) for row in rows]
+
+    def _get_site_sync(self, site_id: str) -> SiteRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_SITE_COLUMNS} FROM sites WHERE site_id = ?", (site_id,)
+        ).fetchone()
+        return _site(row) if row is not None else None
+
+    def _list_devices_sync(self, site_id: str | None) -> list[DeviceRecord]:
+        columns = ", ".join(f"d.{c.strip()}" for c in _DEVICE_COLUMNS.split(","))
+        sql = f"SELECT {columns} FROM devices d JOIN gateways g ON g.gateway_id = d.gateway_id"
+        params: tuple[object, ...] = ()
+        if site_id is not None:
+            sql += " WHERE g.site_id = ?"
+            params = (site_id,)
+        rows = self._conn.execute(sql + " ORDER BY d.device_id, d.gateway_id", params).fetchall()
+        return [_device(row) for row in rows]
+
+    def _latest_points_sync(
+        self, site_id: str | None, device_id: str | None, point: str | None
+    ) -> list[LatestPoint]:
+        conditions: list[str] = []
+        params: list[object] = []
+        for column, value in (
+            ("g.site_id", site_id),
+            ("l.device_id", device_id),
+            ("l.point", point),
+        ):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self._conn.execute(
+            "SELECT l.gateway_id, l.device_id, l.point, l.value, l.unit, l.quality, l.time_ns, "
+            "l.seq FROM latest_points l JOIN gateways g ON g.gateway_id = l.gateway_id "
+            f"{where} ORDER BY l.device_id, l.point, l.gateway_id",
+            params,
+        ).fetchall()
+        return [LatestPoint(*row) for row in rows]
+
+    def _sample_status_sync(self, site_id: str | None) -> list[SampleStatus]:
+        sql = (
+            "SELECT s.gateway_id, s.device_id, s.time_ns, s.seq, s.ok, s.error "
+            "FROM sample_status s JOIN gateways g ON g.gateway_id = s.gateway_id"
+        )
+        params: tuple[object, ...] = ()
+        if site_id is not None:
+            sql += " WHERE g.site_id = ?"
+            params = (site_id,)
+        rows = self._conn.execute(sql, params).fetchall()
+        return [SampleStatus(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows]
+
+    def _point_history_sync(self, query: HistoryQuery) -> HistoryPage:
+        gateway_ids = [
+            gateway_id
+            for (gateway_id,) in self._conn.execute(
+                "SELECT gateway_id FROM gateways WHERE site_id = ?", (query.site_id,)
+            )
+        ]
+        if not gateway_ids:
+            return HistoryPage([], None)
+        base = (
+            "SELECT gateway_id, seq, time_ns, payload FROM samples "
+            f"WHERE gateway_id IN ({_placeholders(len(gateway_ids))}) AND device_id = ?"
+        )
+        base_params: list[object] = [*gateway_ids, query.device_id]
+        if query.start_ns is not None:
+            base += " AND time_ns >= ?"
+            base_params.append(query.start_ns)
+        if query.end_ns is not None:
+            base += " AND time_ns < ?"
+            base_params.append(query.end_ns)
+        # Fetch samples in chunks until one point more than the page holds is found (that extra
+        # point proves there is a next page) or the range is exhausted.
+        chunk = query.limit + 1
+        cursor = query.after
+        position: tuple[int, str, int] | None = None
+        points: list[HistoryPoint] = []
+        while len(points) <= query.limit:
+            sql = base
+            params = list(base_params)
+            if position is not None:
+                sql += " AND (time_ns, gateway_id, seq) > (?, ?, ?)"
+                params.extend(position)
+            elif cursor is not None:
+                sql += " AND (time_ns, gateway_id, seq) >= (?, ?, ?)"
+                params.extend((cursor.time_ns, cursor.gateway_id, cursor.seq))
+            sql += " ORDER BY time_ns, gateway_id, seq LIMIT ?"
+            params.append(chunk)
+            rows = self._conn.execute(sql, params).fetchall()
+            for gateway_id, seq, time_ns, payload in rows:
+                on_cursor_row = cursor is not None and (time_ns, gateway_id, seq) == (
+                    cursor.time_ns,
+                    cursor.gateway_id,
+                    cursor.seq,
+                )
+                sample = pb.DeviceSample.FromString(payload)
+                for index, name, unit, value, quality in sample_points(sample, query.point):
+                    if on_cursor_row and cursor is not None and index <= cursor.index:
+                        continue
+                    points.append(
+                        HistoryPoint(gateway_id, seq, time_ns, name, value, unit, quality, index)
+                    )
+                if len(points) > query.limit:
+                    break
+            if len(rows) < chunk:
+                break
+            last = rows[-1]
+            position = (last[2], last[0], last[1])
+        if len(points) > query.limit:
+            page = points[: query.limit]
+            tail = page[-1]
+            return HistoryPage(
+                page, HistoryCursor(tail.time_ns, tail.gateway_id, tail.seq, tail.index)
+            )
+        return HistoryPage(points, None)
+
+    def _event_responses_sync(
+        self, site_id: str | None, event_id: str | None, limit: int
+    ) -> list[EventResponseRecord]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if site_id is not None:
+            conditions.append("g.site_id = ?")
+            params.append(site_id)
+        if event_id is not None:
+            conditions.append("e.event_id = ?")
+            params.append(event_id)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self._conn.execute(
+            "SELECT e.gateway_id, g.site_id, e.seq, e.intent_version, e.event_id, e.status, "
+            "e.reason, e.time_ns FROM event_responses e "
+            f"JOIN gateways g ON g.gateway_id = e.gateway_id {where} "
+            "ORDER BY e.time_ns DESC, e.gateway_id, e.seq DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [EventResponseRecord(*row) for row in rows]
+
+    def _latest_reported_states_sync(self, site_id: str) -> list[ReportedStateRecord]:
+        rows = self._conn.execute(
+            "SELECT r.gateway_id, r.seq, r.payload FROM reported_states r "
+            "JOIN gateways g ON g.gateway_id = r.gateway_id WHERE g.site_id = ? "
+            "AND r.seq = (SELECT MAX(x.seq) FROM reported_states x "
+            "WHERE x.gateway_id = r.gateway_id) ORDER BY r.gateway_id",
+            (site_id,),
+        ).fetchall()
+        return [
+            ReportedStateRecord(gateway_id, seq, pb.ReportedState.FromString(payload))
+            for gateway_id, seq, payload in rows
+        ]
+
+    # -- the Store protocol ---------------------------------------------------------------------
+
+    async def schema_version(self) -> int:
+        return await self._call(self._schema_version_sync)
+
+    async def register_gateway(
+        self, registration: Registration, stream: StreamRef, now_ns: int
+    ) -> RegisterOutcome:
+        return await self._call(self._register_sync, registration, stream, now_ns)
+
+    async def touch_streams(self, streams: Sequence[StreamRef], now_ns: int) -> None:
+        if streams:
+            await self._call(self._touch_sync, list(streams), now_ns)
+
+    async def close_stream(self, stream: StreamRef, now_ns: int) -> None:
+        await self._call(self._close_stream_sync, stream, now_ns)
+
+    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> int:
+        return await self._call(self._commit_telemetry_sync, rows, now_ns)
+
+    async def record_intent_delivery(
+        self, gateway_id: str, site_id: str, version: int, now_ns: int
+    ) -> None:
+        await self._call(self._record_delivery_sync, gateway_id, site_id, version, now_ns)
+
+    async def record_intent_ack(self, gateway_id: str, ack: IntentAckInfo, now_ns: int) -> None:
+        await self._call(self._record_ack_sync, gateway_id, ack, now_ns)
+
+    async def append_intent(
+        self, site_id: str, compose: IntentComposer, now_ns: int
+    ) -> StoredIntent:
+        return await self._call(self._append_intent_sync, site_id, compose, now_ns)
+
+    async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
+        return await self._call(self._get_intent_sync, site_id, version)
+
+    async def list_intents(self, site_id: str, limit: int) -> list[StoredIntent]:
+        return await self._call(self._list_intents_sync, site_id, limit)
+
+    async def latest_intent_versions(self) -> dict[str, int]:
+        return await self._call(self._latest_intent_versions_sync)
+
+    async def intent_deliveries(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentDeliveryRecord]:
+        return await self._call(self._intent_deliveries_sync, site_id, list(versions))
+
+    async def latest_intent_statuses(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentStatusRecord]:
+        return await self._call(self._latest_intent_statuses_sync, site_id, list(versions))
+
+    async def list_gateways(self, site_id: str | None = None) -> list[GatewayRecord]:
+        return await self._call(self._list_gateways_sync, site_id)
+
+    async def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
+        return await self._call(self._get_gateway_sync, gateway_id)
+
+    async def list_sites(self) -> list[SiteRecord]:
+        return await self._call(self._list_sites_sync)
+
+    async def get_site(self, site_id: str) -> SiteRecord | None:
+        return await self._call(self._get_site_sync, site_id)
+
+    async def list_devices(self, site_id: str | None = None) -> list[DeviceRecord]:
+        return await self._call(self._list_devices_sync, site_id)
+
+    async def latest_points(
+        self, *, site_id: str | None, device_id: str | None = None, point: str | None = None
+    ) -> list[LatestPoint]:
+        return await self._call(self._latest_points_sync, site_id, device_id, point)
+
+    async def sample_status(self, site_id: str | None = None) -> list[SampleStatus]:
+        return await self._call(self._sample_status_sync, site_id)
+
+    async def point_history(self, query: HistoryQuery) -> HistoryPage:
+        return await self._call(self._point_history_sync, query)
+
+    async def event_responses(
+        self, *, site_id: str | None, event_id: str | None, limit: int
+    ) -> list[EventResponseRecord]:
+        return await self._call(self._event_responses_sync, site_id, event_id, limit)
+
+    async def latest_reported_states(self, site_id: str) -> list[ReportedStateRecord]:
+        return await self._call(self._latest_reported_states_sync, site_id)

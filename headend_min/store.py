@@ -1,0 +1,174 @@
+"""The headend's storage contract: an async `Store` protocol and its errors.
+
+Every piece of headend state lives behind this protocol, so the process itself is stateless and a
+second implementation (PostgreSQL with psycopg 3) can replace `SqliteStore` without touching the
+link or the HTTP API. Rules every implementation keeps:
+
+* `commit_telemetry` is one transaction per batch, idempotent per (gateway_id, seq): a replayed
+  record is ignored, never stored twice. It returns only after the commit is durable, because the
+  caller acks the batch to the gateway as soon as it returns.
+* `append_intent` allocates the site's next version and runs the composer *inside* the same
+  transaction (PostgreSQL: `SELECT ... FOR UPDATE` on the site row), so versions are strictly
+  increasing and a composer's exception leaves nothing behind.
+* Times are UTC ns since the epoch and are passed in by the caller (the store reads no clock).
+* Read methods never return protobuf for tables the HTTP API renders, except the intent document
+  and reported state, which are stored as the exact wire messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from dergw.v1 import pb
+from headend_min.model import (
+    DeviceRecord,
+    EventResponseRecord,
+    GatewayRecord,
+    HistoryPage,
+    HistoryQuery,
+    IntentAckInfo,
+    IntentBasis,
+    IntentDeliveryRecord,
+    IntentStatusRecord,
+    LatestPoint,
+    RegisterOutcome,
+    Registration,
+    ReportedStateRecord,
+    SampleStatus,
+    SiteRecord,
+    StoredIntent,
+    StreamRef,
+    TelemetryRows,
+)
+
+__all__ = [
+    "IntentComposer",
+    "SchemaTooNewError",
+    "Store",
+    "StoreError",
+    "UnknownGatewayError",
+    "UnknownSiteError",
+]
+
+# Builds the next document from what the allocating transaction read; may raise IntentRejected.
+IntentComposer = Callable[[IntentBasis], pb.IntentDocument]
+
+
+class StoreError(RuntimeError):
+    """The database failed or refused; the operation did not happen."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was migrated by a newer headend than this one."""
+
+
+class UnknownSiteError(LookupError):
+    """No gateway has registered this site."""
+
+    def __init__(self, site_id: str) -> None:
+        super().__init__(
+            f"unknown site {site_id!r}: no gateway has registered it "
+            "(GET /api/v1/sites lists the known sites)"
+        )
+        self.site_id = site_id
+
+
+class UnknownGatewayError(LookupError):
+    """The gateway never registered."""
+
+
+class Store(Protocol):
+    async def close(self) -> None:
+        """Finish pending work and release the database."""
+        ...
+
+    async def schema_version(self) -> int: ...
+
+    # -- gateway link ---------------------------------------------------------------------------
+
+    async def register_gateway(
+        self, registration: Registration, stream: StreamRef, now_ns: int
+    ) -> RegisterOutcome:
+        """Upsert site, gateway and inventory; mark `stream` open; one transaction."""
+        ...
+
+    async def touch_streams(self, streams: Sequence[StreamRef], now_ns: int) -> None:
+        """Refresh last_seen of gateways whose *current* stream is one of `streams`."""
+        ...
+
+    async def close_stream(self, stream: StreamRef, now_ns: int) -> None:
+        """Mark the gateway's stream closed, unless a newer stream has replaced it."""
+        ...
+
+    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> int:
+        """Store one batch (dedupe on gateway_id+seq) and return the gateway's committed_seq."""
+        ...
+
+    async def record_intent_delivery(
+        self, gateway_id: str, site_id: str, version: int, now_ns: int
+    ) -> None: ...
+
+    async def record_intent_ack(self, gateway_id: str, ack: IntentAckInfo, now_ns: int) -> None: ...
+
+    # -- desired state --------------------------------------------------------------------------
+
+    async def append_intent(
+        self, site_id: str, compose: IntentComposer, now_ns: int
+    ) -> StoredIntent:
+        """Allocate the next version and store `compose(basis)`; raises UnknownSiteError."""
+        ...
+
+    async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
+        """One version, or the latest when `version` is None."""
+        ...
+
+    async def list_intents(self, site_id: str, limit: int) -> list[StoredIntent]:
+        """Newest first."""
+        ...
+
+    async def latest_intent_versions(self) -> dict[str, int]:
+        """site_id -> latest version, for every site with at least one version."""
+        ...
+
+    async def intent_deliveries(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentDeliveryRecord]: ...
+
+    async def latest_intent_statuses(
+        self, site_id: str, versions: Sequence[int]
+    ) -> list[IntentStatusRecord]:
+        """The newest IntentStatus per (gateway, version) for the site's gateways."""
+        ...
+
+    # -- reads for the HTTP API -----------------------------------------------------------------
+
+    async def list_gateways(self, site_id: str | None = None) -> list[GatewayRecord]: ...
+
+    async def get_gateway(self, gateway_id: str) -> GatewayRecord | None: ...
+
+    async def list_sites(self) -> list[SiteRecord]: ...
+
+    async def get_site(self, site_id: str) -> SiteRecord | None: ...
+
+    async def list_devices(self, site_id: str | None = None) -> list[DeviceRecord]: ...
+
+    async def latest_points(
+        self, *, site_id: str | None, device_id: str | None = None, point: str | None = None
+    ) -> list[LatestPoint]: ...
+
+    async def sample_status(self, site_id: str | None = None) -> list[SampleStatus]: ...
+
+    async def point_history(self, query: HistoryQuery) -> HistoryPage:
+        """Points in (time, gateway_id, seq, index) order, strictly after `query.after`."""
+        ...
+
+    async def event_responses(
+        self, *, site_id: str | None, event_id: str | None, limit: int
+    ) -> list[EventResponseRecord]:
+        """Newest first."""
+        ...
+
+    async def latest_reported_states(self, site_id: str) -> list[ReportedStateRecord]:
+        """The newest ReportedState of each gateway of the site."""
+        ...

@@ -1,0 +1,1 @@
+"""Tests of headend_min: pure logic, the SQLite store, the gRPC link, the HTTP API, the CLI."""
