@@ -1,0 +1,252 @@
+"""The gateway process: `dergw gateway run --config FILE`.
+
+One asyncio supervisor owns everything: one poller task per device, the control loop, the
+recorder (outbox commits) and the uplink. A task that fails unexpectedly is logged and restarted
+with backoff; it never takes the others down. The process listens on no TCP port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from dergw.v1 import pb
+from drivers.contract import DeviceInfo, Driver
+from drivers.registry import DRIVERS, create_driver
+from gateway.clock import Clock, SystemClock
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.intent_store import IntentSiteMismatchError, IntentStore, OfferResult
+from gateway.outbox import Outbox
+from gateway.runtime.control import ControlLoop
+from gateway.runtime.poller import DevicePoller
+from gateway.runtime.recorder import Recorder
+from gateway.runtime.uplink import GrpcUplink
+from gateway.snapshot import DeviceSlot, SiteSnapshot
+from gateway.wire import IntentError, device_to_pb, intent_from_pb, placeholder_device_pb
+
+__all__ = ["Gateway", "main"]
+
+log = logging.getLogger("gateway")
+
+SOFTWARE_VERSION = "0.1.0"
+
+
+async def _supervise(name: str, factory: Callable[[], Awaitable[None]]) -> None:
+    """Run `factory()` forever: restart it with backoff if it fails; never let it end silently."""
+    attempt = 0
+    while True:
+        try:
+            await factory()
+            log.error("task %s returned unexpectedly; restarting", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task %s failed; restarting", name)
+        attempt += 1
+        await asyncio.sleep(random.uniform(0.0, min(30.0, 0.5 * 2**attempt)))
+
+
+class Gateway:
+    """Everything one site gateway runs, wired together."""
+
+    def __init__(self, config: GatewayConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.boot_id = uuid.uuid4().hex
+        state_dir = Path(config.gateway.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(state_dir / "outbox.sqlite3", clock=self.clock)
+        self.store = IntentStore(state_dir / "intent.sqlite3", clock=self.clock)
+        self.drivers: dict[str, Driver] = {
+            d.id: create_driver(d.driver, d.id, d.kind, d.params, self.clock)
+            for d in config.devices
+        }
+        self.snapshot = SiteSnapshot(
+            (DeviceSlot(d.id, d.kind, d.poll_period_s, d.role) for d in config.devices),
+            stale_periods=config.control.meter_stale_periods,
+        )
+        self.recorder = Recorder(self.outbox, commit_interval_s=config.outbox.commit_interval_s)
+        self.control = ControlLoop(
+            config,
+            drivers=self.drivers,
+            snapshot=self.snapshot,
+            recorder=self.recorder,
+            store=self.store,
+            clock=self.clock,
+        )
+        self.inventory_changed = asyncio.Event()
+        self.uplink = GrpcUplink(
+            config.uplink,
+            gateway_id=config.gateway.id,
+            outbox=self.outbox,
+            recorder=self.recorder,
+            register=self._register_message,
+            on_intent=self._on_intent,
+            inventory_changed=self.inventory_changed,
+            clock=self.clock,
+        )
+
+    # -- uplink callbacks ---------------------------------------------------------------------
+
+    def _register_message(self) -> pb.Register:
+        config = self.config
+        stats = self.outbox.stats()
+        held = self.store.current()
+        devices = []
+        for device in config.devices:
+            info = self.snapshot.slots[device.id].info
+            if info is not None:
+                devices.append(device_to_pb(info, device.role))
+            else:
+                protocol = DRIVERS[device.driver].protocol
+                devices.append(placeholder_device_pb(device.id, device.kind, protocol, device.role))
+        site = pb.Site(
+            site_id=config.site.id,
+            name=config.site.name,
+            substation=config.site.substation,
+            feeder=config.site.feeder,
+        )
+        if config.site.export_limit_w is not None:
+            site.export_limit_w = config.site.export_limit_w
+        if config.site.import_limit_w is not None:
+            site.import_limit_w = config.site.import_limit_w
+        return pb.Register(
+            gateway_id=config.gateway.id,
+            software_version=SOFTWARE_VERSION,
+            site=site,
+            devices=devices,
+            intent_version=held.version if held is not None else 0,
+            oldest_unacked_seq=stats.oldest_seq or 0,
+            next_seq=stats.next_seq,
+            boot_id=self.boot_id,
+        )
+
+    async def _on_intent(self, doc: pb.IntentDocument) -> pb.IntentAck:
+        """Validate, persist (durably), then acknowledge and hand to the control loop."""
+
+        def ack(status: int, reason: str = "") -> pb.IntentAck:
+            return pb.IntentAck(
+                site_id=doc.site_id,
+                version=doc.version,
+                status=status,  # type: ignore[arg-type]
+                reason=reason,
+            )
+
+        if doc.site_id != self.config.site.id:
+            reason = (
+                f"addressed to site {doc.site_id!r}, this gateway serves {self.config.site.id!r}"
+            )
+            log.warning("intent v%d rejected: %s", doc.version, reason)
+            return ack(pb.INTENT_ACK_STATUS_REJECTED, reason)
+        try:
+            intent = intent_from_pb(doc)
+        except IntentError as exc:
+            log.warning("intent v%d rejected: %s", doc.version, exc)
+            return ack(pb.INTENT_ACK_STATUS_REJECTED, str(exc))
+        try:
+            result = await asyncio.to_thread(
+                self.store.offer, doc.site_id, doc.version, doc.SerializeToString()
+            )
+        except IntentSiteMismatchError as exc:
+            # The state directory still holds another site's intent (re-commissioned gateway).
+            log.error("intent v%d rejected: %s", doc.version, exc)
+            return ack(pb.INTENT_ACK_STATUS_REJECTED, f"{exc}; clear the gateway state_dir")
+        if result is not OfferResult.PERSISTED:
+            held = await asyncio.to_thread(self.store.current)
+            reason = f"holding v{held.version if held else 0}"
+            log.info("intent v%d ignored (stale): %s", doc.version, reason)
+            return ack(pb.INTENT_ACK_STATUS_STALE, reason)
+        log.info("intent v%d persisted (%d events)", doc.version, len(intent.events))
+        await self.control.accept_intent(intent)
+        return ack(pb.INTENT_ACK_STATUS_PERSISTED)
+
+    def _on_discovered(self, info: DeviceInfo) -> None:
+        self.inventory_changed.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        held = await asyncio.to_thread(self.store.current)
+        intent = None
+        if held is not None:
+            try:
+                intent = intent_from_pb(pb.IntentDocument.FromString(held.document))
+            except IntentError as exc:  # pragma: no cover - stored documents were validated
+                log.error("stored intent v%d unreadable, ignoring it: %s", held.version, exc)
+        await self.control.load(intent)
+        tasks = [
+            asyncio.create_task(_supervise("recorder", self.recorder.run), name="recorder"),
+            asyncio.create_task(_supervise("control", self.control.run), name="control"),
+            asyncio.create_task(_supervise("uplink", self.uplink.run), name="uplink"),
+        ]
+        for device in self.config.devices:
+            poller = DevicePoller(
+                self.drivers[device.id],
+                poll_period_s=device.poll_period_s,
+                snapshot=self.snapshot,
+                recorder=self.recorder,
+                clock=self.clock,
+                on_discovered=self._on_discovered,
+            )
+            tasks.append(
+                asyncio.create_task(_supervise(f"poller {device.id}", poller.run), name=device.id)
+            )
+        log.info(
+            "gateway %s ready: site %s, %d devices, uplink %s, intent v%d",
+            self.config.gateway.id,
+            self.config.site.id,
+            len(self.config.devices),
+            self.config.uplink.target,
+            held.version if held else 0,
+        )
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(
+                *(d.close() for d in self.drivers.values()), return_exceptions=True
+            )
+            self.outbox.close()
+            self.store.close()
+            log.info("gateway %s stopped", self.config.gateway.id)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dergw gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the gateway for one site")
+    run.add_argument("--config", required=True, type=Path, help="gateway config (TOML)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=config.gateway.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await Gateway(config).run(stop)
+
+    asyncio.run(_run())
+    return 0

@@ -1,0 +1,416 @@
+"""The control loop: the site follows its cached intent with or without the cloud.
+
+Every control period, and at once when a new intent arrives or an event starts or ends:
+
+    snapshot -> schedule.resolve -> plan -> safety.enforce -> driver.write(SafeSetpoint) -> verify
+
+then the event lifecycle earns its responses (started/completed only after read-back), and
+decisions and reported state are recorded for the headend. Unchanged setpoints are re-written
+every `refresh_s` so that the devices' own reversion timers (armed with each write) never expire
+while the gateway is alive, and do expire if it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from drivers.contract import DeviceKind, Driver, WriteResult
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.intent import Controls, Intent
+from gateway.intent_store import EventState, IntentStore
+from gateway.lifecycle import DeviceOutcome, Response, ResponseStatus, after_cycle, on_arrival
+from gateway.outbox import RecordKind
+from gateway.plan import plan
+from gateway.runtime.recorder import Recorder
+from gateway.safety import SafeSetpoint, SiteConditions, enforce
+from gateway.schedule import ActiveControls, effective_window, resolve
+from gateway.snapshot import SiteSnapshot
+from gateway.wire import (
+    decision_payload,
+    event_response_payload,
+    intent_status_payload,
+    reported_state_payload,
+)
+
+__all__ = ["ControlLoop"]
+
+log = logging.getLogger(__name__)
+
+NS_PER_S = 1_000_000_000
+# Reported state goes upstream at least this often even when nothing changes.
+REPORT_EVERY_S = 10.0
+# A setpoint change smaller than this (and than 0.5 % of the rating) is not worth a write.
+MIN_CHANGE_W = 20.0
+
+
+_PROBLEMS = frozenset(
+    {ResponseStatus.FAILED, ResponseStatus.REJECTED_INVALID, ResponseStatus.REJECTED_LATE}
+)
+
+
+@dataclass(slots=True)
+class _Written:
+    setpoint: SafeSetpoint
+    mono_ns: int
+    generation: int
+    ok: bool
+    reason: str
+
+
+def _material_change(old: SafeSetpoint, new: SafeSetpoint, rating_w: float) -> bool:
+    threshold = max(MIN_CHANGE_W, 0.005 * rating_w)
+
+    def differs(a: float | None, b: float | None) -> bool:
+        if a is None or b is None:
+            return (a is None) != (b is None)
+        return abs(a - b) > threshold
+
+    return (
+        differs(old.max_active_power_w, new.max_active_power_w)
+        or differs(old.active_power_w, new.active_power_w)
+        or old.connect != new.connect
+    )
+
+
+def _describe(setpoint: SafeSetpoint) -> str:
+    parts = []
+    if setpoint.max_active_power_w is not None:
+        parts.append(f"cap {setpoint.max_active_power_w:.0f} W")
+    if setpoint.active_power_w is not None:
+        parts.append(f"fixed {setpoint.active_power_w:.0f} W")
+    if setpoint.connect is not None:
+        parts.append("connect" if setpoint.connect else "disconnect")
+    text = ", ".join(parts) or "default (uncapped)"
+    if setpoint.bound_by:
+        text += " [" + "; ".join(setpoint.bound_by) + "]"
+    return f"{setpoint.device_id}: {text}"
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        drivers: Mapping[str, Driver],
+        snapshot: SiteSnapshot,
+        recorder: Recorder,
+        store: IntentStore,
+        clock: Clock,
+    ) -> None:
+        self._config = config
+        self._control = config.control
+        self._drivers = drivers
+        self._snapshot = snapshot
+        self._recorder = recorder
+        self._store = store
+        self._clock = clock
+        self._fallback = Controls(
+            export_limit_w=config.control.fallback.export_limit_w,
+            import_limit_w=config.control.fallback.import_limit_w,
+            max_gen_pct=config.control.fallback.max_gen_pct,
+            connect=config.control.fallback.connect,
+        )
+        self._device_ids = frozenset(d.id for d in config.devices)
+        self._controllable = tuple(
+            sorted(d.id for d in config.devices if d.kind is not DeviceKind.METER)
+        )
+        self._ratings: dict[str, float] = {}
+        self.intent: Intent | None = None
+        self._wake = asyncio.Event()
+        self._generation = 0
+        self._generation_key: object = None
+        self._written: dict[str, _Written] = {}
+        self._event_states: dict[str, EventState] = {}
+        self._status_sent: tuple[int, int, bool] | None = None
+        self._last_report_mono_ns: int | None = None
+        self.active: ActiveControls | None = None
+        self.cycles = 0
+
+    # -- intent intake ------------------------------------------------------------------------
+
+    async def load(self, intent: Intent | None) -> None:
+        """Start-up: take the persisted intent and event states (no responses are re-sent)."""
+        self.intent = intent
+        self._event_states = await asyncio.to_thread(self._store.all_event_states)
+
+    async def accept_intent(self, intent: Intent) -> None:
+        """A new intent version was persisted: queue arrival responses and act on it at once."""
+        now = self._clock.wall_ns()
+        self.intent = intent
+        last = {k: ResponseStatus(v.last_response) for k, v in self._event_states.items()}
+        for event in intent.events:
+            if event.event_id not in self._event_states:
+                # Randomization is drawn once per event and persisted, never re-drawn.
+                self._event_states[event.event_id] = EventState(
+                    drawn_start_offset_s=_draw(event.randomize_start_s),
+                    drawn_duration_offset_s=_draw(event.randomize_duration_s),
+                    last_response=0,
+                    updated_wall_ns=now,
+                )
+        responses = on_arrival(intent, last, now, self._device_ids)
+        await self._emit_responses(intent.version, responses, now)
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        period_s = self._control.period_s
+        while True:
+            started = self._clock.mono_ns()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control cycle failed; continuing with the next cycle")
+            elapsed_s = (self._clock.mono_ns() - started) / NS_PER_S
+            timeout_s = max(0.0, min(period_s - elapsed_s, self._until_next_boundary_s()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
+            self._wake.clear()
+
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        return {
+            event_id: (state.drawn_start_offset_s, state.drawn_duration_offset_s)
+            for event_id, state in self._event_states.items()
+        }
+
+    def _until_next_boundary_s(self) -> float:
+        """Seconds until the next event starts or ends, so boundaries are met on time."""
+        if self.intent is None:
+            return float("inf")
+        now = self._clock.wall_ns()
+        offsets = self._offsets()
+        upcoming = [
+            edge
+            for event in self.intent.events
+            for edge in effective_window(event, offsets.get(event.event_id, (0, 0)))
+            if edge > now
+        ]
+        return (min(upcoming) - now) / NS_PER_S if upcoming else float("inf")
+
+    async def step(self) -> None:
+        now_wall, now_mono = self._clock.wall_ns(), self._clock.mono_ns()
+        states = self._snapshot.device_states(now_mono)
+        for device_id, state in states.items():
+            if state.max_w > 0:
+                self._ratings[device_id] = state.max_w
+        intent = self.intent
+        active = resolve(
+            intent,
+            now_wall,
+            fallback=self._fallback,
+            devices=self._device_ids,
+            offsets=self._offsets(),
+        )
+        self.active = active
+        key = (
+            active.intent_version,
+            active.source,
+            active.site,
+            active.site_event_id,
+            tuple(active.device.items()),
+            tuple(active.device_event_ids.items()),
+        )
+        generation_changed = key != self._generation_key
+        if generation_changed:
+            self._generation += 1
+            self._generation_key = key
+            log.info(
+                "control: %s v%d%s: %s",
+                active.source.name.lower(),
+                active.intent_version,
+                f" events {', '.join(active.active_event_ids)}" if active.active_event_ids else "",
+                active.site.describe(),
+            )
+
+        the_plan = plan(
+            active,
+            states,
+            contract_export_limit_w=self._config.site.export_limit_w,
+            contract_import_limit_w=self._config.site.import_limit_w,
+            constraints=intent.constraints if intent is not None else None,
+        )
+        enforcement = enforce(
+            the_plan.planned,
+            states,
+            SiteConditions(
+                pcc_w=self._snapshot.pcc_w(now_mono),
+                export_limits=the_plan.export_limits,
+                import_limits=the_plan.import_limits,
+                export_margin_w=self._control.export_margin_w,
+                assumed_min_load_w=self._control.assumed_min_load_w,
+            ),
+            revert_after_s=self._control.revert_timeout_s,
+        )
+
+        to_write = [sp for sp in enforcement.setpoints if self._needs_write(sp, now_mono)]
+        changed = [
+            sp
+            for sp in to_write
+            if (w := self._written.get(sp.device_id)) is None
+            or w.generation != self._generation
+            or _material_change(w.setpoint, sp, self._ratings.get(sp.device_id, 0.0))
+        ]
+        results = await self._write_all(to_write)
+        for setpoint, result in zip(to_write, results, strict=True):
+            self._written[setpoint.device_id] = _Written(
+                setpoint, now_mono, self._generation, result.ok, result.reason or ""
+            )
+            if not result.ok:
+                log.warning("write %s failed: %s", setpoint.device_id, result.reason)
+
+        if changed:
+            summary = "; ".join(_describe(sp) for sp in changed)
+            if generation_changed and the_plan.log:
+                for line in the_plan.log:
+                    log.info("plan: %s", line)
+                summary += " | " + " | ".join(the_plan.log)
+            log.info("decision: %s", summary)
+            self._recorder.record(RecordKind.DECISION, decision_payload(now_wall, summary, changed))
+
+        outcomes = self._outcomes()
+        await self._lifecycle(intent, active, outcomes, now_wall)
+        self._report(active, enforcement.setpoints, generation_changed, now_wall, now_mono)
+        self.cycles += 1
+
+    def _needs_write(self, setpoint: SafeSetpoint, now_mono: int) -> bool:
+        written = self._written.get(setpoint.device_id)
+        if written is None or not written.ok or written.generation != self._generation:
+            return True
+        if now_mono - written.mono_ns >= self._control.refresh_s * NS_PER_S:
+            return True
+        return _material_change(
+            written.setpoint, setpoint, self._ratings.get(setpoint.device_id, 0.0)
+        )
+
+    async def _write_all(self, setpoints: Sequence[SafeSetpoint]) -> list[WriteResult]:
+        if not setpoints:
+            return []
+        return list(
+            await asyncio.gather(*(self._drivers[sp.device_id].write(sp) for sp in setpoints))
+        )
+
+    def _outcomes(self) -> dict[str, DeviceOutcome]:
+        outcomes: dict[str, DeviceOutcome] = {}
+        now_mono = self._clock.mono_ns()
+        for device_id in self._controllable:
+            available, reason = self._snapshot.availability(device_id, now_mono)
+            written = self._written.get(device_id)
+            if not available:
+                outcomes[device_id] = DeviceOutcome(False, f"unavailable: {reason}")
+            elif written is None or written.generation != self._generation:
+                outcomes[device_id] = DeviceOutcome(False, "not written yet")
+            elif not written.ok:
+                outcomes[device_id] = DeviceOutcome(False, written.reason)
+            else:
+                outcomes[device_id] = DeviceOutcome(True)
+        return outcomes
+
+    async def _lifecycle(
+        self,
+        intent: Intent | None,
+        active: ActiveControls,
+        outcomes: Mapping[str, DeviceOutcome],
+        now_wall: int,
+    ) -> None:
+        if intent is None:
+            return
+        last = {k: ResponseStatus(v.last_response) for k, v in self._event_states.items()}
+        responses = after_cycle(
+            intent, active, last, outcomes, self._controllable, now_wall, self._offsets()
+        )
+        await self._emit_responses(intent.version, responses, now_wall)
+
+        # One verdict per (version, controls generation): "applied" only when every device in
+        # scope read back what was written; "failed" (with reasons) at most once before that.
+        applied = all(outcome.ok for outcome in outcomes.values())
+        key = (intent.version, self._generation)
+        if self._status_sent == (*key, True) or (
+            not applied and self._status_sent == (*key, False)
+        ):
+            return
+        reason = "; ".join(f"{d}: {o.reason}" for d, o in outcomes.items() if not o.ok)
+        event_ids = active.active_event_ids
+        self._recorder.record(
+            RecordKind.INTENT_STATUS,
+            intent_status_payload(
+                intent.version, applied, reason, event_ids[0] if event_ids else None, now_wall
+            ),
+        )
+        self._status_sent = (*key, applied)
+
+    async def _emit_responses(self, version: int, responses: list[Response], now_wall: int) -> None:
+        if not responses:
+            return
+        for response in responses:
+            state = self._event_states.get(response.event_id)
+            if state is None:
+                state = EventState(0, 0, 0, now_wall)
+            self._event_states[response.event_id] = EventState(
+                drawn_start_offset_s=state.drawn_start_offset_s,
+                drawn_duration_offset_s=state.drawn_duration_offset_s,
+                last_response=int(response.status),
+                updated_wall_ns=now_wall,
+            )
+            self._recorder.record(
+                RecordKind.EVENT_RESPONSE,
+                event_response_payload(
+                    version, response.event_id, int(response.status), response.reason, now_wall
+                ),
+            )
+            level = logging.WARNING if response.status in _PROBLEMS else logging.INFO
+            log.log(
+                level, "event %s: %s %s", response.event_id, response.status.name, response.reason
+            )
+        # Persist before the next cycle so a restart never repeats or loses a response.
+        snapshot = {r.event_id: self._event_states[r.event_id] for r in responses}
+        await asyncio.to_thread(self._persist_states, snapshot)
+
+    def _persist_states(self, states: Mapping[str, EventState]) -> None:
+        for event_id, state in states.items():
+            self._store.set_event_state(event_id, state)
+
+    def _report(
+        self,
+        active: ActiveControls,
+        setpoints: Sequence[SafeSetpoint],
+        force: bool,
+        now_wall: int,
+        now_mono: int,
+    ) -> None:
+        due = (
+            self._last_report_mono_ns is None
+            or now_mono - self._last_report_mono_ns >= REPORT_EVERY_S * NS_PER_S
+        )
+        if not (force or due):
+            return
+        self._last_report_mono_ns = now_mono
+        availability = [
+            (device_id, *self._snapshot.availability(device_id, now_mono))
+            for device_id in sorted(self._device_ids)
+        ]
+        self._recorder.record(
+            RecordKind.REPORTED_STATE,
+            reported_state_payload(
+                wall_ns=now_wall,
+                intent_version=active.intent_version,
+                active_event_id=active.site_event_id or next(iter(active.active_event_ids), None),
+                source=int(active.source),
+                setpoints=setpoints,
+                availability=availability,
+            ),
+        )
+
+
+def _draw(bound_s: int) -> int:
+    """A randomization offset within [0, bound] (with the bound's sign), drawn once."""
+    if bound_s == 0:
+        return 0
+    return random.randint(min(0, bound_s), max(0, bound_s))

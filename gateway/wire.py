@@ -1,0 +1,255 @@
+"""The gateway's edge to the wire contract: dergw.v1 messages <-> gateway domain data.
+
+Everything that turns protobuf into domain objects validates on the way in (bad input gets a
+clear error and changes nothing); everything that goes out is built here, so the rest of the
+gateway never touches generated code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from dergw.v1 import (
+    MAX_ABS_WATTS,
+    MAX_ID_LENGTH,
+    MAX_RANDOMIZE_S,
+    ns_from_timestamp,
+    pb,
+    timestamp_from_ns,
+)
+from drivers.contract import DeviceInfo, DeviceKind, Reading
+from gateway.intent import ControlEvent, Controls, EventStatus, Intent, SiteConstraints
+from gateway.safety import SafeSetpoint
+
+__all__ = [
+    "IntentError",
+    "decision_payload",
+    "device_to_pb",
+    "event_response_payload",
+    "intent_from_pb",
+    "intent_status_payload",
+    "reported_state_payload",
+    "sample_payload",
+    "setpoint_to_pb",
+]
+
+_KIND_TO_PB = {
+    DeviceKind.PV: pb.DEVICE_KIND_PV,
+    DeviceKind.BATTERY: pb.DEVICE_KIND_BATTERY,
+    DeviceKind.METER: pb.DEVICE_KIND_METER,
+}
+
+
+class IntentError(ValueError):
+    """An intent document failed validation; the message names the field and the reason."""
+
+
+def _opt(message: pb.Controls | pb.SiteConstraints, name: str) -> float | None:
+    return getattr(message, name) if message.HasField(name) else None  # type: ignore[arg-type]
+
+
+def _watts(where: str, value: float | None, *, signed: bool = False) -> float | None:
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise IntentError(f"{where}: not a number")
+    if not signed and value < 0.0:
+        raise IntentError(f"{where}: must be >= 0 W, got {value:g}")
+    if abs(value) > MAX_ABS_WATTS:
+        raise IntentError(f"{where}: {value:g} W is out of range (|W| <= {MAX_ABS_WATTS:g})")
+    return value
+
+
+def _controls_from_pb(where: str, message: pb.Controls) -> Controls:
+    max_gen_pct = _opt(message, "max_gen_pct")
+    if max_gen_pct is not None and not (0.0 <= max_gen_pct <= 100.0):
+        raise IntentError(f"{where}.max_gen_pct: must be within 0..100 %, got {max_gen_pct:g}")
+    ramp_time_s = _opt(message, "ramp_time_s")
+    if ramp_time_s is not None and not (math.isfinite(ramp_time_s) and ramp_time_s >= 0.0):
+        raise IntentError(f"{where}.ramp_time_s: must be >= 0 s")
+    return Controls(
+        max_gen_pct=max_gen_pct,
+        fixed_w=_watts(f"{where}.fixed_w", _opt(message, "fixed_w"), signed=True),
+        target_w=_watts(f"{where}.target_w", _opt(message, "target_w"), signed=True),
+        export_limit_w=_watts(f"{where}.export_limit_w", _opt(message, "export_limit_w")),
+        import_limit_w=_watts(f"{where}.import_limit_w", _opt(message, "import_limit_w")),
+        gen_limit_w=_watts(f"{where}.gen_limit_w", _opt(message, "gen_limit_w")),
+        load_limit_w=_watts(f"{where}.load_limit_w", _opt(message, "load_limit_w")),
+        connect=message.connect if message.HasField("connect") else None,
+        energize=message.energize if message.HasField("energize") else None,
+        ramp_time_s=ramp_time_s,
+    )
+
+
+def intent_from_pb(doc: pb.IntentDocument) -> Intent:
+    """Validate and convert an IntentDocument. Raises IntentError naming the offending field."""
+    if not 0 < doc.version < 2**63:
+        raise IntentError("version: must be within 1..2**63-1")
+    if not doc.site_id:
+        raise IntentError("site_id: missing")
+    events: list[ControlEvent] = []
+    seen: set[str] = set()
+    for i, event in enumerate(doc.events):
+        where = f"events[{i}]"
+        if not event.event_id or len(event.event_id) > MAX_ID_LENGTH:
+            raise IntentError(f"{where}.event_id: must be 1..{MAX_ID_LENGTH} characters")
+        if event.event_id in seen:
+            raise IntentError(f"{where}.event_id: duplicate id {event.event_id!r}")
+        seen.add(event.event_id)
+        if event.duration_s == 0:
+            raise IntentError(f"{where}.duration_s: must be > 0")
+        if max(abs(event.randomize_start_s), abs(event.randomize_duration_s)) > MAX_RANDOMIZE_S:
+            raise IntentError(f"{where}: randomization must be within ±{MAX_RANDOMIZE_S} s")
+        if len(event.device_id) > MAX_ID_LENGTH:
+            raise IntentError(f"{where}.device_id: longer than {MAX_ID_LENGTH} characters")
+        try:
+            status = EventStatus(event.status)
+        except ValueError:
+            raise IntentError(f"{where}.status: unknown status {event.status}") from None
+        events.append(
+            ControlEvent(
+                event_id=event.event_id,
+                created_wall_ns=ns_from_timestamp(event.created_at),
+                start_wall_ns=ns_from_timestamp(event.start),
+                duration_s=event.duration_s,
+                primacy=event.primacy,
+                controls=_controls_from_pb(f"{where}.controls", event.controls),
+                device_id=event.device_id or None,
+                randomize_start_s=event.randomize_start_s,
+                randomize_duration_s=event.randomize_duration_s,
+                status=status,
+            )
+        )
+    constraints = doc.constraints
+    return Intent(
+        site_id=doc.site_id,
+        version=doc.version,
+        issued_wall_ns=ns_from_timestamp(doc.issued_at),
+        events=tuple(events),
+        default_control=_controls_from_pb("default_control", doc.default_control),
+        constraints=SiteConstraints(
+            export_limit_w=_watts(
+                "constraints.export_limit_w", _opt(constraints, "export_limit_w")
+            ),
+            import_limit_w=_watts(
+                "constraints.import_limit_w", _opt(constraints, "import_limit_w")
+            ),
+            soc_min_pct=_opt(constraints, "soc_min_pct"),
+            soc_max_pct=_opt(constraints, "soc_max_pct"),
+        ),
+    )
+
+
+def sample_payload(reading: Reading) -> bytes:
+    """A device reading as a serialized DeviceSample (one outbox row)."""
+    return pb.DeviceSample(
+        device_id=reading.device_id,
+        time=timestamp_from_ns(reading.wall_ns),
+        monotonic_ns=reading.mono_ns,
+        names=reading.schema.names,
+        units=reading.schema.units,
+        values=reading.values.tolist(),
+        quality=reading.quality.tolist(),
+        error=reading.error or "",
+    ).SerializeToString()
+
+
+def device_to_pb(info: DeviceInfo, role: str | None) -> pb.Device:
+    plate = info.nameplate
+    return pb.Device(
+        device_id=info.device_id,
+        kind=_KIND_TO_PB[info.kind],
+        protocol=info.protocol,
+        address=info.address,
+        manufacturer=info.manufacturer,
+        model=info.model,
+        serial_number=info.serial_number,
+        nameplate=pb.Nameplate(
+            max_w=plate.max_w,
+            max_va=plate.max_va,
+            max_var=plate.max_var,
+            max_charge_w=plate.max_charge_w,
+            max_discharge_w=plate.max_discharge_w,
+            energy_wh=plate.energy_wh,
+        ),
+        points=[
+            pb.PointInfo(name=name, unit=unit, writable=name in info.schema.writable)
+            for name, unit in zip(info.schema.names, info.schema.units, strict=True)
+        ],
+        role=role or "",
+    )
+
+
+def placeholder_device_pb(
+    device_id: str, kind: DeviceKind, protocol: str, role: str | None
+) -> pb.Device:
+    """Inventory entry for a configured device that has not been discovered yet."""
+    return pb.Device(
+        device_id=device_id, kind=_KIND_TO_PB[kind], protocol=protocol, role=role or ""
+    )
+
+
+def setpoint_to_pb(setpoint: SafeSetpoint) -> pb.DeviceSetpoint:
+    message = pb.DeviceSetpoint(device_id=setpoint.device_id, bound_by=setpoint.bound_by)
+    if setpoint.max_active_power_w is not None:
+        message.max_active_power_w = setpoint.max_active_power_w
+    if setpoint.active_power_w is not None:
+        message.active_power_w = setpoint.active_power_w
+    if setpoint.connect is not None:
+        message.connect = setpoint.connect
+    return message
+
+
+def event_response_payload(
+    intent_version: int, event_id: str, status: int, reason: str, wall_ns: int
+) -> bytes:
+    return pb.EventResponse(
+        intent_version=intent_version,
+        event_id=event_id,
+        status=status,  # type: ignore[arg-type]
+        reason=reason,
+        time=timestamp_from_ns(wall_ns),
+    ).SerializeToString()
+
+
+def intent_status_payload(
+    version: int, applied: bool, reason: str, active_event_id: str | None, wall_ns: int
+) -> bytes:
+    return pb.IntentStatus(
+        version=version,
+        state=pb.INTENT_STATE_APPLIED if applied else pb.INTENT_STATE_FAILED,
+        reason=reason,
+        time=timestamp_from_ns(wall_ns),
+        active_event_id=active_event_id or "",
+    ).SerializeToString()
+
+
+def reported_state_payload(
+    *,
+    wall_ns: int,
+    intent_version: int,
+    active_event_id: str | None,
+    source: int,
+    setpoints: Iterable[SafeSetpoint],
+    availability: Sequence[tuple[str, bool, str]],
+) -> bytes:
+    return pb.ReportedState(
+        time=timestamp_from_ns(wall_ns),
+        intent_version=intent_version,
+        active_event_id=active_event_id or "",
+        source=source,  # type: ignore[arg-type]
+        setpoints=[setpoint_to_pb(s) for s in setpoints],
+        devices=[
+            pb.DeviceAvailability(device_id=d, available=ok, reason=why)
+            for d, ok, why in availability
+        ],
+    ).SerializeToString()
+
+
+def decision_payload(wall_ns: int, summary: str, setpoints: Iterable[SafeSetpoint]) -> bytes:
+    return pb.Decision(
+        time=timestamp_from_ns(wall_ns),
+        summary=summary,
+        setpoints=[setpoint_to_pb(s) for s in setpoints],
+    ).SerializeToString()
