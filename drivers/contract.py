@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from gateway.safety import SafeSetpoint
 
 __all__ = [
+    "ALL_CONTROLS",
+    "Control",
     "DeviceInfo",
     "DeviceKind",
     "Driver",
@@ -55,6 +57,17 @@ class DeviceKind(enum.StrEnum):
     PV = "pv"
     BATTERY = "battery"
     METER = "meter"
+
+
+class Control(enum.StrEnum):
+    """What a device can be commanded to do (its controls as discovered by the driver)."""
+
+    GENERATION_CAP = "generation_cap"  # honours SafeSetpoint.max_active_power_w
+    ACTIVE_POWER = "active_power"  # honours SafeSetpoint.active_power_w (storage)
+    CONNECT = "connect"  # honours SafeSetpoint.connect
+
+
+ALL_CONTROLS = frozenset(Control)
 
 
 class Quality(enum.IntEnum):
@@ -117,6 +130,7 @@ class DeviceInfo:
     serial_number: str
     nameplate: Nameplate
     schema: PointSchema
+    controls: frozenset[Control] = ALL_CONTROLS
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,9 @@ class ControlConfig(_Model):
     meter_stale_periods: Annotated[int, Field(ge=1)] = 3  # older readings are not used
     export_margin_w: NonNegativeWatts = 50.0  # stay this far inside export limits
     assumed_min_load_w: NonNegativeWatts = 0.0  # site load assumed without a fresh PCC reading
+    # Share of a loosening export budget taken per cycle (tightening is always immediate):
+    # below 1 the loop cannot overshoot the limit on readings up to a poll period old.
+    export_relax_gain: float = Field(default=0.5, gt=0.0, le=1.0)
     fallback: FallbackConfig = FallbackConfig()
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
-from drivers.contract import DeviceKind
+from drivers.contract import ALL_CONTROLS, Control, DeviceKind
 from gateway.allocate import split_proportional
 
 __all__ = [
@@ -75,6 +75,7 @@ class DeviceState:
     available: bool = True
     unavailable_reason: str = ""
     measured_w: float | None = None  # latest good AC output (+ generation / discharge), W
+    controls: frozenset[Control] = ALL_CONTROLS  # what the device can be commanded to do
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,11 @@ class SiteConditions:
     import_limits: tuple[Limit, ...] = ()
     export_margin_w: float = 50.0
     assumed_min_load_w: float = 0.0
+    # The PV budget the export limit allowed last cycle (Enforcement.pv_export_budget_w), and how
+    # much of a loosening to take per cycle: tightening is immediate, loosening gradual, so a
+    # loop fed readings up to a poll period old does not overshoot the limit.
+    previous_pv_budget_w: float | None = None
+    export_relax_gain: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,7 @@ class Enforcement:
     setpoints: tuple[SafeSetpoint, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (device_id, reason)
     notes: tuple[str, ...] = ()
+    pv_export_budget_w: float | None = None  # feed back as SiteConditions.previous_pv_budget_w
 
 
 @dataclass(slots=True)
@@ -172,7 +179,9 @@ def _clamp_to_device(plan: PlannedSetpoint, device: DeviceState) -> _Draft:
     return draft
 
 
-def _apply_export_limit(limit: Limit, drafts: Mapping[str, _Draft], site: SiteConditions) -> str:
+def _apply_export_limit(
+    limit: Limit, drafts: Mapping[str, _Draft], site: SiteConditions
+) -> tuple[str, float]:
     """Cap PV (then battery discharge) so that export at the PCC stays within `limit`.
 
     Closed loop: the PV the site can absorb is what PV makes now plus the headroom the meter shows
@@ -189,13 +198,15 @@ def _apply_export_limit(limit: Limit, drafts: Mapping[str, _Draft], site: SiteCo
     battery_change_w = sum((d.device.measured_w or 0.0) - battery_after(d) for d in batteries)
     if site.pcc_w is not None:
         pv_now_w = sum(d.device.measured_w or 0.0 for d in pv)
-        budget_w = pv_now_w + site.pcc_w + limit.watts + battery_change_w
+        budget_w = pv_now_w + site.pcc_w + limit.watts + battery_change_w - site.export_margin_w
+        previous_w = site.previous_pv_budget_w
+        if previous_w is not None and budget_w > previous_w:
+            budget_w = previous_w + site.export_relax_gain * (budget_w - previous_w)
         mode = f"closed loop, PCC {_w(site.pcc_w)}"
     else:
         discharge_w = sum(max(battery_after(d), 0.0) for d in batteries)
-        budget_w = limit.watts + site.assumed_min_load_w - discharge_w
+        budget_w = limit.watts + site.assumed_min_load_w - discharge_w - site.export_margin_w
         mode = "open loop: PCC meter stale"
-    budget_w -= site.export_margin_w
     why = f"export limit ({limit.source}): {_w(limit.watts)} at PCC, {mode}"
 
     if budget_w < 0.0:
@@ -212,7 +223,7 @@ def _apply_export_limit(limit: Limit, drafts: Mapping[str, _Draft], site: SiteCo
         budget_w = 0.0
 
     if not pv:
-        return why
+        return why, budget_w
     # Water-fill the budget by rating, each inverter within its own cap (already nameplate-bound).
     ratings = np.array([d.device.max_w for d in pv], dtype=np.float64)
     own_caps = np.array(
@@ -223,7 +234,41 @@ def _apply_export_limit(limit: Limit, drafts: Mapping[str, _Draft], site: SiteCo
         if share_w < (d.device.max_w if d.cap_w is None else d.cap_w):
             d.cap_w = share_w
             d.bound_by.append(why)
-    return why
+    return why, budget_w
+
+
+def _fit_to_controls(draft: _Draft) -> str | None:
+    """Express the draft with the controls the device has; return why not, if it cannot be.
+
+    A command the device has no control for is never sent. A binding generation cap on a device
+    without a cap control is applied through its fixed power (storage) or, failing that, the
+    device is not commanded at all and the reason is reported.
+    """
+    device, controls = draft.device, draft.device.controls
+    if draft.connect is not None and Control.CONNECT not in controls:
+        draft.bound_by.append(f"device {device.device_id} has no connect control: not commanded")
+        draft.connect = None
+    if draft.cap_w is not None and Control.GENERATION_CAP not in controls:
+        rating_w = device.max_discharge_w or device.max_w
+        if draft.cap_w >= rating_w:
+            draft.cap_w = None  # not binding: nothing to enforce
+        elif Control.ACTIVE_POWER in controls:
+            # Hold at or below the cap (idle when nothing else was asked for).
+            draft.active_w = min(draft.active_w if draft.active_w is not None else 0.0, draft.cap_w)
+            draft.bound_by.append(
+                f"device {device.device_id} has no generation-cap control: "
+                f"cap {_w(draft.cap_w)} applied as fixed power"
+            )
+            draft.cap_w = None
+        else:
+            return (
+                f"device {device.device_id} cannot be capped at {_w(draft.cap_w)}: "
+                "it has no generation-cap control"
+            )
+    if draft.active_w is not None and Control.ACTIVE_POWER not in controls:
+        draft.bound_by.append(f"device {device.device_id} has no fixed-power control: ignored")
+        draft.active_w = None
+    return None
 
 
 def enforce(
@@ -251,15 +296,21 @@ def enforce(
             drafts[plan.device_id] = _clamp_to_device(plan, device)
 
     notes: list[str] = []
+    pv_budget_w: float | None = None
     export_limit = _tightest(site.export_limits)
     if export_limit is not None:
-        notes.append(_apply_export_limit(export_limit, drafts, site))
+        why, pv_budget_w = _apply_export_limit(export_limit, drafts, site)
+        notes.append(why)
 
-    for draft in drafts.values():
+    for device_id, draft in list(drafts.items()):
         # A battery's generation cap bounds its fixed power whatever set it (plan or export limit).
         if draft.cap_w is not None and draft.active_w is not None and draft.active_w > draft.cap_w:
             draft.active_w = draft.cap_w
             draft.bound_by.append(f"generation cap {draft.device.device_id}: {_w(draft.cap_w)}")
+        refusal = _fit_to_controls(draft)
+        if refusal is not None:
+            del drafts[device_id]
+            skipped.append((device_id, refusal))
 
     setpoints = tuple(
         SafeSetpoint(
@@ -273,4 +324,9 @@ def enforce(
         )
         for device_id, draft in sorted(drafts.items())
     )
-    return Enforcement(setpoints=setpoints, skipped=tuple(skipped), notes=tuple(notes))
+    return Enforcement(
+        setpoints=setpoints,
+        skipped=tuple(skipped),
+        notes=tuple(notes),
+        pv_export_budget_w=pv_budget_w,
+    )

@@ -102,6 +102,7 @@ class SiteSnapshot:
                 available=available,
                 unavailable_reason=reason,
                 measured_w=fresh.get("W") if fresh is not None else None,
+                controls=slot.info.controls if slot.info is not None else frozenset(),
             )
         return states
 

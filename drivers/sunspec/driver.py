@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pymodbus.client import AsyncModbusTcpClient
 
 from drivers.contract import (
+    Control,
     DeviceInfo,
     DeviceKind,
     DriverError,
@@ -593,6 +594,7 @@ class SunSpecModbusDriver:
             serial_number=serial,
             nameplate=nameplate,
             schema=compiled.schema,
+            controls=_controls(self._kind, first),
         )
         return _Discovery(base, chain, first, compiled, info)
 
@@ -1052,3 +1054,17 @@ def _layout(model_id: int, length: int) -> models.ModelLayout | None:
     except (models.UnknownModelError, models.LayoutError):
         # Vendor models without a definition are walked past, never decoded.
         return None
+
+
+def _controls(kind: DeviceKind, models: Mapping[int, object]) -> frozenset[Control]:
+    """The controls this device offers, from the models it serves (what write() can do)."""
+    if kind is DeviceKind.METER:
+        return frozenset()
+    controls: set[Control] = set()
+    if 123 in models or 704 in models:
+        controls.add(Control.GENERATION_CAP)
+    if 123 in models:
+        controls.add(Control.CONNECT)
+    if kind is DeviceKind.BATTERY and (124 in models or 704 in models):
+        controls.add(Control.ACTIVE_POWER)
+    return frozenset(controls)

@@ -130,6 +130,7 @@ class ControlLoop:
         self._status_sent: tuple[int, int, bool] | None = None
         self._last_report_mono_ns: int | None = None
         self.active: ActiveControls | None = None
+        self._pv_budget_w: float | None = None  # export-limit PV budget of the last cycle
         self.cycles = 0
 
     # -- intent intake ------------------------------------------------------------------------
@@ -246,9 +247,12 @@ class ControlLoop:
                 import_limits=the_plan.import_limits,
                 export_margin_w=self._control.export_margin_w,
                 assumed_min_load_w=self._control.assumed_min_load_w,
+                previous_pv_budget_w=self._pv_budget_w,
+                export_relax_gain=self._control.export_relax_gain,
             ),
             revert_after_s=self._control.revert_timeout_s,
         )
+        self._pv_budget_w = enforcement.pv_export_budget_w
 
         to_write = [sp for sp in enforcement.setpoints if self._needs_write(sp, now_mono)]
         changed = [

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from drivers.contract import DeviceKind, LinkState, Quality, Reading
+from drivers.contract import Control, DeviceKind, LinkState, Quality, Reading
 from drivers.sunspec.driver import MAX_READ_REGISTERS, SunSpecModbusDriver, SunSpecModbusParams
 from drivers.sunspec.models import get_layout
 from gateway.clock import SystemClock
@@ -148,6 +148,18 @@ async def test_nameplates(drivers: dict[str, SunSpecModbusDriver]) -> None:
     assert bat.nameplate.energy_wh == 10000.0
     assert "SoC" in bat.schema.names
     assert "WMaxLimPct" not in bat.schema.names  # the simulated battery has no model 123
+
+
+async def test_controls_follow_the_discovered_models(
+    drivers: dict[str, SunSpecModbusDriver],
+) -> None:
+    # What the safety kernel may command: 123 gives a cap and connect, 124 fixed power.
+    pv = await drivers["pv1"].connect()
+    assert pv.controls == {Control.GENERATION_CAP, Control.CONNECT}
+    bat = await drivers["bat1"].connect()
+    assert bat.controls == {Control.ACTIVE_POWER}
+    meter = await drivers["meter1"].connect()
+    assert meter.controls == frozenset()
 
 
 async def test_values_match_the_simulators_physics(

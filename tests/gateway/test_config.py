@@ -532,14 +532,6 @@ def test_model_validate_without_file_keeps_relative_state_dir() -> None:
 # -- config.example.toml --------------------------------------------------------------------------
 
 
-def _sunspec_params_available() -> bool:
-    try:
-        registry.params_model("sunspec-modbus")
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
 class StandInSunSpecParams(BaseModel):
     """The subset of the SunSpec driver's params model that the example config uses."""
 
@@ -554,8 +546,6 @@ class StandInSunSpecParams(BaseModel):
 def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch, params_model: str) -> None:
     if params_model == "stand-in":
         _register(monkeypatch, "sunspec-modbus", "tests_sunspec_standin", P=StandInSunSpecParams)
-    elif not _sunspec_params_available():
-        pytest.skip("drivers.sunspec.driver is not importable yet; the stand-in case covers it")
     config = load_config(EXAMPLE)
     assert config.uplink.target == "127.0.0.1:50051"
     assert config.site.substation
@@ -570,11 +560,13 @@ def test_example_config_is_valid(monkeypatch: pytest.MonkeyPatch, params_model: 
         if params_model == "stand-in"
         else registry.params_model("sunspec-modbus")
     )
-    for device in config.devices:
+    # The example targets the demo simulator: one Modbus TCP port, unit ids 1-3.
+    for unit_id, device in enumerate(config.devices, start=1):
         assert type(device.params) is expected_model
-        assert device.params.model_dump(include={"host", "unit_id"}) == {
+        assert device.params.model_dump(include={"host", "port", "unit_id"}) == {
             "host": "127.0.0.1",
-            "unit_id": 1,
+            "port": 5020,
+            "unit_id": unit_id,
         }
     assert config.gateway.state_dir == REPO / "var" / "gw-example-01"
 

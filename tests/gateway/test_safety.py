@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.contract import DeviceKind
+from drivers.contract import ALL_CONTROLS, Control, DeviceKind
 from gateway.safety import (
     DeviceState,
     Limit,
@@ -200,6 +200,13 @@ def test_no_enforced_setpoint_ever_violates_a_limit(
     result = enforce(planned, devices, site, revert_after_s=60)
     for setpoint in result.setpoints:
         device = devices[setpoint.device_id]
+        # Never a command the device has no control for.
+        if setpoint.max_active_power_w is not None:
+            assert Control.GENERATION_CAP in device.controls
+        if setpoint.active_power_w is not None:
+            assert Control.ACTIVE_POWER in device.controls
+        if setpoint.connect is not None:
+            assert Control.CONNECT in device.controls
         cap = setpoint.max_active_power_w
         if cap is not None:
             assert math.isfinite(cap)
@@ -247,3 +254,72 @@ def test_every_enforced_setpoint_is_a_safe_setpoint() -> None:
         revert_after_s=60,
     )
     assert all(isinstance(s, SafeSetpoint) for s in result.setpoints)
+
+
+def test_controls_a_device_lacks_are_never_commanded_and_caps_become_fixed_power() -> None:
+    # A battery with only a storage control (SunSpec 124, no 123): asked to connect and capped
+    # below its rating, it gets no connect and its cap as fixed power (idle here).
+    battery = dataclasses.replace(
+        _battery("bat1", 5000.0), controls=frozenset({Control.ACTIVE_POWER})
+    )
+    (setpoint,) = enforce(
+        [PlannedSetpoint("bat1", max_active_power_w=2000.0, connect=True)],
+        {"bat1": battery},
+        SiteConditions(pcc_w=None),
+        revert_after_s=60,
+    ).setpoints
+    assert setpoint.connect is None
+    assert setpoint.max_active_power_w is None
+    assert setpoint.active_power_w == 0.0
+    assert any("no connect control" in why for why in setpoint.bound_by)
+    # A non-binding cap (100 %) is simply not needed.
+    (setpoint,) = enforce(
+        [PlannedSetpoint("bat1", max_active_power_w=5000.0)],
+        {"bat1": battery},
+        SiteConditions(pcc_w=None),
+        revert_after_s=60,
+    ).setpoints
+    assert (setpoint.max_active_power_w, setpoint.active_power_w) == (None, None)
+
+
+def test_a_binding_cap_on_a_device_without_any_lever_is_refused_with_a_reason() -> None:
+    meterless_pv = dataclasses.replace(_pv("pv1", 5000.0), controls=frozenset())
+    result = enforce(
+        [PlannedSetpoint("pv1", max_active_power_w=1000.0)],
+        {"pv1": meterless_pv},
+        SiteConditions(pcc_w=None),
+        revert_after_s=60,
+    )
+    assert result.setpoints == ()
+    assert result.skipped == (
+        ("pv1", "device pv1 cannot be capped at 1000 W: it has no generation-cap control"),
+    )
+
+
+def test_default_controls_are_all() -> None:
+    assert _pv("pv1", 1.0).controls == ALL_CONTROLS
+
+
+def test_export_budget_tightens_at_once_and_relaxes_gradually() -> None:
+    devices = {"pv1": _pv("pv1", 10000.0, 4000.0)}
+
+    def budget(pcc_w: float, previous: float | None) -> float | None:
+        return enforce(
+            [PlannedSetpoint("pv1")],
+            devices,
+            SiteConditions(
+                pcc_w=pcc_w,
+                export_limits=(Limit("event e", 2000.0),),
+                export_margin_w=0.0,
+                previous_pv_budget_w=previous,
+                export_relax_gain=0.5,
+            ),
+            revert_after_s=60,
+        ).pv_export_budget_w
+
+    # Headroom of 1 kW (export 1 kW under a 2 kW limit): half of it per cycle.
+    assert budget(-1000.0, previous=4000.0) == pytest.approx(4500.0)
+    # Over the limit by 1 kW: the whole correction at once.
+    assert budget(-3000.0, previous=4000.0) == pytest.approx(3000.0)
+    # No history (first cycle under this limit): the measured budget.
+    assert budget(-1000.0, previous=None) == pytest.approx(5000.0)
