@@ -215,7 +215,8 @@ async def run_export_limit(
     records_per_s = (seq_end - seq_start) / window_s
     result.figures["records_per_s"] = records_per_s
     result.figures["points_per_s"] = records_per_s * points_per_record
-    rss = process_rss_mb(gateway.process.pid)
-    if rss is not None:
-        result.figures["gateway_rss_mb"] = rss
+    for name, status_field in (("gateway_rss_mb", "VmRSS"), ("gateway_rss_anon_mb", "RssAnon")):
+        value = process_rss_mb(gateway.process.pid, status_field)
+        if value is not None:
+            result.figures[name] = value
     return result

@@ -81,11 +81,16 @@ class Timeline:
         )
 
 
-def process_rss_mb(pid: int) -> float | None:
-    """Resident set size of a process, MB (Linux /proc), or None when unavailable."""
+def process_rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A memory figure of a process from /proc (Linux), MB, or None when unavailable.
+
+    VmRSS includes file-backed pages (shared libraries), whose resident share depends on the
+    page cache (fault-around maps more of a library that is fully cached), so it varies by
+    ~10 MB between runs of the same program; RssAnon is the process's own memory.
+    """
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         return None
