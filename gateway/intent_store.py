@@ -28,14 +28,12 @@ from __future__ import annotations
 import enum
 import logging
 import sqlite3
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from gateway.clock import Clock
-from gateway.statedb import open_state_db
+from gateway.statedb import StateFile, open_state_db
 
 __all__ = [
     "EventState",
@@ -105,20 +103,22 @@ class EventState:
             raise ValueError(f"EventState.last_response must be >= 0, got {self.last_response}")
 
 
-class IntentStore:
+class IntentStore(StateFile):
     """The intent store file at `path` (created if absent). Context manager or `close()`.
 
     `history_limit`: how many superseded versions to keep besides the current one.
     """
 
+    closed_error = IntentStoreClosedError
+    label = "intent store"
+
     def __init__(self, path: Path, *, clock: Clock, history_limit: int = _DEFAULT_HISTORY) -> None:
         if history_limit < 0:
             raise ValueError(f"intent store: history_limit must be >= 0, got {history_limit}")
-        self._path = Path(path)
+        super().__init__(path)
         self._clock = clock
         self._history_limit = history_limit
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = self._open()
+        self._conn = self._open()
 
     def _open(self) -> sqlite3.Connection:
         conn, db = open_state_db(
@@ -170,33 +170,6 @@ class IntentStore:
             conn.close()
             raise
         return conn
-
-    def close(self) -> None:
-        """Close the file (idempotent). Everything written before is already committed."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> IntentStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise IntentStoreClosedError(f"intent store {self._path} is closed")
-        return self._conn
 
     # -- intents ---------------------------------------------------------------------------------
 

@@ -38,17 +38,15 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from types import TracebackType
 
 import sqlite_utils
 
 from gateway.clock import Clock
-from gateway.statedb import open_state_db
+from gateway.statedb import StateFile, open_state_db
 
 __all__ = [
     "AckBeyondHeadError",
@@ -122,14 +120,16 @@ class OutboxStats:
     oldest_created_wall_ns: int | None  # None when empty
 
 
-class Outbox:
+class Outbox(StateFile):
     """The outbox file at `path` (created if absent). Use as a context manager or call `close()`."""
 
+    closed_error = OutboxClosedError
+    label = "outbox"
+
     def __init__(self, path: Path, *, clock: Clock) -> None:
-        self._path = Path(path)
+        super().__init__(path)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = self._open()
+        self._conn = self._open()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -202,33 +202,6 @@ class Outbox:
                 "dergw; move it aside"
             )
         return int(row[0])
-
-    def close(self) -> None:
-        """Close the file (idempotent). Everything appended before is already committed."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise OutboxClosedError(f"outbox {self._path} is closed")
-        return self._conn
 
     # -- writes ----------------------------------------------------------------------------------
 

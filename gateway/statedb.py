@@ -9,12 +9,57 @@ atomically. Errors name the file and say what to do.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Literal
+from types import TracebackType
+from typing import ClassVar, Literal, Self
 
 import sqlite_utils
 
-__all__ = ["open_state_db"]
+__all__ = ["StateFile", "open_state_db"]
+
+
+class StateFile:
+    """Base of a state file: its path, connection and lock, close() and the context manager.
+
+    Subclasses set `closed_error` and open the connection (with open_state_db) in __init__.
+    Methods are called from worker threads (asyncio.to_thread), hence the lock.
+    """
+
+    closed_error: ClassVar[type[Exception]]
+    label: ClassVar[str]
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        """Close the file (idempotent). Everything written before is already committed."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise self.closed_error(f"{self.label} {self._path} is closed")
+        return self._conn
 
 
 def open_state_db(

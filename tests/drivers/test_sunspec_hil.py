@@ -6,7 +6,6 @@ implementations of SunSpec read the same registers the same way, and that writes
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -165,7 +164,8 @@ async def test_controls_follow_the_discovered_models(
 async def test_values_match_the_simulators_physics(
     sim: SiteSimulator, drivers: dict[str, SunSpecModbusDriver]
 ) -> None:
-    await asyncio.sleep(0.3)  # let the physics settle a few steps
+    start = sim.state().steps
+    await async_wait_until(lambda: sim.state().steps >= start + 5, timeout_s=5, what="5 steps")
     readings = {d: await drv.read() for d, drv in drivers.items()}
     state = sim.state()
     # The physics steps at 20 Hz between our reads and the snapshot: compare within a step's drift
@@ -263,7 +263,9 @@ async def test_a_write_changes_only_its_device(
     before_pv1 = control_registers(sim, "pv1", 123)
     result = await drivers["pv1"].write(pv_setpoint("pv1", cap_w=2500.0, connect=True))
     assert result.ok, result.reason
-    await asyncio.sleep(0.1)  # a few physics steps: nothing may leak to other devices either
+    # A few physics steps (writes apply at the next step): nothing may leak to other devices.
+    start = sim.state().steps
+    await async_wait_until(lambda: sim.state().steps >= start + 2, timeout_s=5, what="2 steps")
     assert control_registers(sim, "pv2", 123) == before_pv2
     assert control_registers(sim, "bat1", 124) == before_bat
     after_pv1 = control_registers(sim, "pv1", 123)

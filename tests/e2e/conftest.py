@@ -17,8 +17,6 @@ import pytest_asyncio
 from hil.scenarios.harness import Bench, open_bench
 from hil.site import SiteSpec, load_site
 
-pytestmark = pytest.mark.hil
-
 
 def site_spec(name: str) -> SiteSpec:
     return load_site(Path(str(resources.files("hil") / "sites" / name)))

@@ -8,9 +8,13 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from gateway.clock import SystemClock
 from gateway.outbox import Outbox
 from tests.e2e.conftest import BenchFactory, started, wait_api
+
+pytestmark = pytest.mark.hil  # real processes and sockets on loopback
 
 RECORD_TABLES = (
     "samples",
@@ -44,16 +48,21 @@ async def test_kill9_twice_during_an_outage_loses_nothing_and_duplicates_nothing
         assert bench.gateway is not None
         assert bench.headend is not None
         state_dir = bench.workdir / "gateway-state"
-        await asyncio.sleep(1.0)
+        await wait_api(
+            bench,
+            f"/gateways/{bench.gateway_id}",
+            lambda g: g["committed_seq"] >= 50,
+            what="telemetry flowing",
+        )
         committed_at_kill = 0
         for _ in range(2):
-            await bench.headend.stop()  # outage: the outbox accumulates a backlog
-            await asyncio.sleep(2.0)
+            await bench.headend.stop()
+            await asyncio.sleep(2.0)  # the outage itself: the outbox accumulates a backlog
             await bench.gateway.kill()  # kill -9 while polling and committing
             committed_at_kill, backlog = await asyncio.to_thread(_outbox_stats, state_dir)
             assert backlog > 0, "the kill should find unacknowledged rows in the outbox"
             await bench.start_gateway()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # the restarted gateway runs offline for a while
             await bench.restart_headend()
             await wait_api(
                 bench,

@@ -23,6 +23,8 @@ from hil.server import Fault
 from tests.e2e.conftest import BenchFactory, responses_for, started, wait_api, wait_point
 from tests.support import free_tcp_port
 
+pytestmark = pytest.mark.hil  # real processes and sockets on loopback
+
 SITE = "/sites/demo-site"
 
 
@@ -191,7 +193,22 @@ async def test_f_stale_reads_are_flagged_bad_never_restamped(bench_factory: Benc
         )
         w_point = next(p for p in latest if p["point"] == "W")
         assert w_point["value"] is None
-        await asyncio.sleep(3.0)  # a few more polls while silent
+        # Let several polls fail while silent (each times out after the driver's 1 s).
+        since = urlencode(
+            {
+                "site_id": "demo-site",
+                "device_id": "pv1",
+                "point": "W",
+                "start": datetime.fromtimestamp(fault_start + 1.5, UTC).isoformat(),
+            }
+        )
+        await wait_api(
+            bench,
+            f"/telemetry/history?{since}",
+            lambda page: sum(i["quality"] == "BAD_COMM" for i in page["items"]) >= 3,
+            timeout_s=15,
+            what="three failed reads recorded",
+        )
         bench.sim.set_fault("pv1", None)
         await wait_api(
             bench,

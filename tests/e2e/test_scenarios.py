@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.hil  # real processes and sockets on loopback
+
 DERGW = [sys.executable, "-m", "gateway.cli"]
 
 

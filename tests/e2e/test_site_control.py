@@ -16,6 +16,8 @@ import pytest
 from hil.scenarios.harness import BenchError
 from tests.e2e.conftest import BenchFactory, responses_for, started, wait_api, wait_point
 
+pytestmark = pytest.mark.hil  # real processes and sockets on loopback
+
 SITE = "/sites/demo-site"
 PV_RATINGS = {f"pv{i}": 1000.0 * (i + 2) for i in range(1, 11)}  # twelve.toml: 3..12 kW
 
