@@ -74,6 +74,7 @@ class RecordKind(enum.IntEnum):
     REPORTED_STATE = 4  # ReportedState
     DECISION = 5  # Decision
     INTENT_STATUS = 6  # IntentStatus
+    FLEXIBILITY = 7  # Flexibility
 
 
 _KINDS = frozenset(int(kind) for kind in RecordKind)

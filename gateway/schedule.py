@@ -44,6 +44,7 @@ class ControlSource(enum.IntEnum):
     EVENT = 1
     DEFAULT = 2
     FALLBACK = 3
+    OVERRIDE = 4
 
 
 @dataclass(frozen=True, slots=True)

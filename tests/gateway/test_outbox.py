@@ -103,8 +103,8 @@ def test_read_after_pages_oldest_first(outbox: Outbox) -> None:
 
 
 def test_bad_kind_or_payload_appends_nothing(outbox: Outbox) -> None:
-    with pytest.raises(ValueError, match="record kind 7"):
-        outbox.append([(SAMPLE, b"ok"), (7, b"bad")])
+    with pytest.raises(ValueError, match="record kind 99"):
+        outbox.append([(SAMPLE, b"ok"), (99, b"bad")])
     with pytest.raises(TypeError, match="bytes"):
         outbox.append([(SAMPLE, "text")])  # type: ignore[list-item]
     assert outbox.stats() == OutboxStats(0, None, 1, 0, None)

@@ -154,6 +154,8 @@ class _ControlSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Control
     CONTROL_SOURCE_DEFAULT: _ControlSource.ValueType  # 2
     CONTROL_SOURCE_FALLBACK: _ControlSource.ValueType  # 3
     """static commissioning fallback from the gateway config"""
+    CONTROL_SOURCE_OVERRIDE: _ControlSource.ValueType  # 4
+    """a time-boxed local override (site technician)"""
 
 class ControlSource(_ControlSource, metaclass=_ControlSourceEnumTypeWrapper): ...
 
@@ -162,6 +164,8 @@ CONTROL_SOURCE_EVENT: ControlSource.ValueType  # 1
 CONTROL_SOURCE_DEFAULT: ControlSource.ValueType  # 2
 CONTROL_SOURCE_FALLBACK: ControlSource.ValueType  # 3
 """static commissioning fallback from the gateway config"""
+CONTROL_SOURCE_OVERRIDE: ControlSource.ValueType  # 4
+"""a time-boxed local override (site technician)"""
 Global___ControlSource: _TypeAlias = ControlSource  # noqa: Y015
 
 class _IntentAckStatus:
@@ -551,6 +555,7 @@ class Record(_message.Message):
     REPORTED_STATE_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     INTENT_STATUS_FIELD_NUMBER: _builtins.int
+    FLEXIBILITY_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     @_builtins.property
     def sample(self) -> Global___DeviceSample: ...
@@ -562,6 +567,8 @@ class Record(_message.Message):
     def decision(self) -> Global___Decision: ...
     @_builtins.property
     def intent_status(self) -> Global___IntentStatus: ...
+    @_builtins.property
+    def flexibility(self) -> Global___Flexibility: ...
     def __init__(
         self,
         *,
@@ -571,12 +578,13 @@ class Record(_message.Message):
         reported_state: Global___ReportedState | None = ...,
         decision: Global___Decision | None = ...,
         intent_status: Global___IntentStatus | None = ...,
+        flexibility: Global___Flexibility | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["sample", "event_response", "reported_state", "decision", "intent_status"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["sample", "event_response", "reported_state", "decision", "intent_status", "flexibility"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -712,15 +720,34 @@ class ReportedState(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     SETPOINTS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    ACTIVE_EVENT_IDS_FIELD_NUMBER: _builtins.int
+    ACTIVE_MODES_FIELD_NUMBER: _builtins.int
+    CLOCK_TRUSTED_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     intent_version: _builtins.int
     active_event_id: _builtins.str
+    """the site's event in force, else the first device event"""
     source: Global___ControlSource.ValueType
+    clock_trusted: _builtins.bool
+    """false: scheduled events are not started"""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def setpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceSetpoint]: ...
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceAvailability]: ...
+    @_builtins.property
+    def active_event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every event in force (site and device scope)"""
+
+    @_builtins.property
+    def active_modes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActiveMode]:
+        """each control mode in force and where it comes from"""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """conditions in force, e.g. "PCC meter stale: open loop" """
+
     def __init__(
         self,
         *,
@@ -730,14 +757,142 @@ class ReportedState(_message.Message):
         source: Global___ControlSource.ValueType = ...,
         setpoints: _abc.Iterable[Global___DeviceSetpoint] | None = ...,
         devices: _abc.Iterable[Global___DeviceAvailability] | None = ...,
+        active_event_ids: _abc.Iterable[_builtins.str] | None = ...,
+        active_modes: _abc.Iterable[Global___ActiveMode] | None = ...,
+        clock_trusted: _builtins.bool = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_event_id", b"active_event_id", "devices", b"devices", "intent_version", b"intent_version", "setpoints", b"setpoints", "source", b"source", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_event_id", b"active_event_id", "active_event_ids", b"active_event_ids", "active_modes", b"active_modes", "clock_trusted", b"clock_trusted", "devices", b"devices", "intent_version", b"intent_version", "notes", b"notes", "setpoints", b"setpoints", "source", b"source", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
+
+@_typing.final
+class ActiveMode(_message.Message):
+    """One control mode in force for a scope (the site, or one device)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    PROGRAM_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """empty = the whole site"""
+    mode: _builtins.str
+    """Controls field name, e.g. "export_limit_w" """
+    value: _builtins.float
+    """booleans as 0 / 1"""
+    source: Global___ControlSource.ValueType
+    event_id: _builtins.str
+    """when from an event"""
+    program_id: _builtins.str
+    """when from an event or a program's default"""
+    label: _builtins.str
+    """human form, e.g. "event e7 (program utility)" """
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        value: _builtins.float = ...,
+        source: Global___ControlSource.ValueType = ...,
+        event_id: _builtins.str = ...,
+        program_id: _builtins.str = ...,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "event_id", b"event_id", "label", b"label", "mode", b"mode", "program_id", b"program_id", "source", b"source", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActiveMode: _TypeAlias = ActiveMode  # noqa: Y015
+
+@_typing.final
+class Flexibility(_message.Message):
+    """What the site can offer now and is expected to do next (W: + generation / discharge)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    UP_W_FIELD_NUMBER: _builtins.int
+    DOWN_W_FIELD_NUMBER: _builtins.int
+    PV_W_FIELD_NUMBER: _builtins.int
+    LOAD_W_FIELD_NUMBER: _builtins.int
+    BATTERY_W_FIELD_NUMBER: _builtins.int
+    BATTERY_ENERGY_WH_FIELD_NUMBER: _builtins.int
+    BATTERY_CAPACITY_WH_FIELD_NUMBER: _builtins.int
+    FORECAST_FIELD_NUMBER: _builtins.int
+    up_w: _builtins.float
+    """more net generation available now (curtailed PV, discharge)"""
+    down_w: _builtins.float
+    """less net generation available now (PV output, charge room)"""
+    pv_w: _builtins.float
+    load_w: _builtins.float
+    battery_w: _builtins.float
+    battery_energy_wh: _builtins.float
+    """stored energy above the SoC floor"""
+    battery_capacity_wh: _builtins.float
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def forecast(self) -> _containers.RepeatedCompositeFieldContainer[Global___ForecastPoint]: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        up_w: _builtins.float = ...,
+        down_w: _builtins.float = ...,
+        pv_w: _builtins.float = ...,
+        load_w: _builtins.float = ...,
+        battery_w: _builtins.float = ...,
+        battery_energy_wh: _builtins.float = ...,
+        battery_capacity_wh: _builtins.float = ...,
+        forecast: _abc.Iterable[Global___ForecastPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["battery_capacity_wh", b"battery_capacity_wh", "battery_energy_wh", b"battery_energy_wh", "battery_w", b"battery_w", "down_w", b"down_w", "forecast", b"forecast", "load_w", b"load_w", "pv_w", b"pv_w", "time", b"time", "up_w", b"up_w"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Flexibility: _TypeAlias = Flexibility  # noqa: Y015
+
+@_typing.final
+class ForecastPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_S_FIELD_NUMBER: _builtins.int
+    PV_W_FIELD_NUMBER: _builtins.int
+    LOAD_W_FIELD_NUMBER: _builtins.int
+    BATTERY_ENERGY_WH_FIELD_NUMBER: _builtins.int
+    offset_s: _builtins.int
+    """from Flexibility.time"""
+    pv_w: _builtins.float
+    load_w: _builtins.float
+    battery_energy_wh: _builtins.float
+    def __init__(
+        self,
+        *,
+        offset_s: _builtins.int = ...,
+        pv_w: _builtins.float = ...,
+        load_w: _builtins.float = ...,
+        battery_energy_wh: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["battery_energy_wh", b"battery_energy_wh", "load_w", b"load_w", "offset_s", b"offset_s", "pv_w", b"pv_w"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForecastPoint: _TypeAlias = ForecastPoint  # noqa: Y015
 
 @_typing.final
 class DeviceSetpoint(_message.Message):
@@ -1003,6 +1158,7 @@ class ControlEvent(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PROGRAM_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     duration_s: _builtins.int
     randomize_start_s: _builtins.int
@@ -1012,6 +1168,8 @@ class ControlEvent(_message.Message):
     device_id: _builtins.str
     """empty = the whole site"""
     status: Global___EventStatus.ValueType
+    program_id: _builtins.str
+    """the program it belongs to (its primacy is the program's)"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1031,14 +1189,45 @@ class ControlEvent(_message.Message):
         device_id: _builtins.str = ...,
         controls: Global___Controls | None = ...,
         status: Global___EventStatus.ValueType = ...,
+        program_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "created_at", b"created_at", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "created_at", b"created_at", "device_id", b"device_id", "duration_s", b"duration_s", "event_id", b"event_id", "primacy", b"primacy", "randomize_duration_s", b"randomize_duration_s", "randomize_start_s", b"randomize_start_s", "start", b"start", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controls", b"controls", "created_at", b"created_at", "device_id", b"device_id", "duration_s", b"duration_s", "event_id", b"event_id", "primacy", b"primacy", "program_id", b"program_id", "randomize_duration_s", b"randomize_duration_s", "randomize_start_s", b"randomize_start_s", "start", b"start", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ControlEvent: _TypeAlias = ControlEvent  # noqa: Y015
+
+@_typing.final
+class Program(_message.Message):
+    """An IEEE 2030.5-style program: a primacy and the default control used when no event of any
+    program asks for a mode. Lower primacy wins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_ID_FIELD_NUMBER: _builtins.int
+    PRIMACY_FIELD_NUMBER: _builtins.int
+    DEFAULT_CONTROL_FIELD_NUMBER: _builtins.int
+    program_id: _builtins.str
+    primacy: _builtins.int
+    @_builtins.property
+    def default_control(self) -> Global___Controls: ...
+    def __init__(
+        self,
+        *,
+        program_id: _builtins.str = ...,
+        primacy: _builtins.int = ...,
+        default_control: Global___Controls | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_control", b"default_control"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_control", b"default_control", "primacy", b"primacy", "program_id", b"program_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Program: _TypeAlias = Program  # noqa: Y015
 
 @_typing.final
 class SiteConstraints(_message.Message):
@@ -1093,6 +1282,7 @@ class IntentDocument(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     DEFAULT_CONTROL_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    PROGRAMS_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     version: _builtins.int
     """per site, strictly increasing"""
@@ -1101,9 +1291,13 @@ class IntentDocument(_message.Message):
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlEvent]: ...
     @_builtins.property
-    def default_control(self) -> Global___Controls: ...
+    def default_control(self) -> Global___Controls:
+        """The site's base default: applies to a mode no event and no program default asks for."""
+
     @_builtins.property
     def constraints(self) -> Global___SiteConstraints: ...
+    @_builtins.property
+    def programs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Program]: ...
     def __init__(
         self,
         *,
@@ -1113,10 +1307,11 @@ class IntentDocument(_message.Message):
         events: _abc.Iterable[Global___ControlEvent] | None = ...,
         default_control: Global___Controls | None = ...,
         constraints: Global___SiteConstraints | None = ...,
+        programs: _abc.Iterable[Global___Program] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "default_control", b"default_control", "issued_at", b"issued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "default_control", b"default_control", "events", b"events", "issued_at", b"issued_at", "site_id", b"site_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "default_control", b"default_control", "events", b"events", "issued_at", b"issued_at", "programs", b"programs", "site_id", b"site_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
