@@ -17,9 +17,9 @@ import numpy as np
 
 from drivers.contract import DeviceKind
 from gateway.allocate import split_proportional
-from gateway.intent import Controls, SiteConstraints
+from gateway.intent import SiteConstraints
 from gateway.safety import DeviceState, Limit, PlannedSetpoint
-from gateway.schedule import ActiveControls, ControlSource
+from gateway.schedule import ActiveControls, ScopeControls
 
 __all__ = ["Plan", "plan"]
 
@@ -44,14 +44,6 @@ class _Want:
         self.origin += (why,)
 
 
-def _source_name(active: ActiveControls, event_id: str | None) -> str:
-    if event_id is not None:
-        return f"event {event_id}"
-    if active.source is ControlSource.FALLBACK:
-        return "fallback (config)"
-    return f"default control v{active.intent_version}"
-
-
 def _split_log(what: str, total_w: float, ids: list[str], shares: np.ndarray) -> str:
     parts = ", ".join(f"{i}={s:.0f} W" for i, s in zip(ids, shares, strict=True))
     return f"split {what} {total_w:.0f} W by rating: {parts}"
@@ -72,21 +64,20 @@ def plan(
     )
     wants = {d.device_id: _Want() for d in controllable}
     log: list[str] = []
-    site, site_source = active.site, _source_name(active, active.site_event_id)
-    _apply_scope(site, site_source, controllable, wants, log)
-    for device_id, controls in active.device.items():
+    _apply_scope(active.site, controllable, wants, log)
+    for device_id, scope in active.device.items():
         device = devices.get(device_id)
         if device is None or device_id not in wants:
             continue
-        source = _source_name(active, active.device_event_ids.get(device_id))
-        _apply_scope(controls, source, [device], wants, log)
+        _apply_scope(scope, [device], wants, log)
 
+    site = active.site.controls
     export_limits: list[Limit] = []
     import_limits: list[Limit] = []
     if site.export_limit_w is not None:
-        export_limits.append(Limit(site_source, site.export_limit_w))
+        export_limits.append(Limit(active.site.label("export_limit_w"), site.export_limit_w))
     if site.import_limit_w is not None:
-        import_limits.append(Limit(site_source, site.import_limit_w))
+        import_limits.append(Limit(active.site.label("import_limit_w"), site.import_limit_w))
     if constraints is not None:
         if constraints.export_limit_w is not None:
             export_limits.append(
@@ -115,27 +106,31 @@ def plan(
 
 
 def _apply_scope(
-    controls: Controls,
-    source: str,
+    scope_controls: ScopeControls,
     scope: list[DeviceState],
     wants: dict[str, _Want],
     log: list[str],
 ) -> None:
     """Apply one scope's controls (the site, or a single device) to the devices in it."""
+    controls, label = scope_controls.controls, scope_controls.label
     generators = [d for d in scope if d.kind in (DeviceKind.PV, DeviceKind.BATTERY)]
     batteries = [d for d in scope if d.kind is DeviceKind.BATTERY]
 
     if controls.max_gen_pct is not None:
         pct = min(max(controls.max_gen_pct, 0.0), 100.0)
         for d in generators:
-            wants[d.device_id].cap(d.max_w * pct / 100.0, f"{source}: max_gen_pct {pct:g} %")
+            wants[d.device_id].cap(
+                d.max_w * pct / 100.0, f"{label('max_gen_pct')}: max_gen_pct {pct:g} %"
+            )
 
     if controls.gen_limit_w is not None and generators:
+        source = label("gen_limit_w")
         shares = _split(max(controls.gen_limit_w, 0.0), generators, log, source, "gen_limit_w")
         for d, share in zip(generators, shares, strict=True):
             wants[d.device_id].cap(float(share), f"{source}: gen_limit_w share")
 
     if controls.target_w is not None and generators:
+        source = label("target_w")
         shares = _split(max(controls.target_w, 0.0), generators, log, source, "target_w")
         for d, share in zip(generators, shares, strict=True):
             want = wants[d.device_id]
@@ -146,6 +141,7 @@ def _apply_scope(
                 want.cap(float(share), f"{source}: target_w share")
 
     if controls.fixed_w is not None and batteries:
+        source = label("fixed_w")
         total = controls.fixed_w
         if total >= 0.0:
             shares = _split(total, batteries, log, source, "fixed_w (discharge)")

@@ -21,6 +21,8 @@ from gateway.allocate import split_proportional
 __all__ = [
     "DeviceState",
     "Enforcement",
+    "KernelPolicy",
+    "KernelState",
     "Limit",
     "PlannedSetpoint",
     "SafeSetpoint",
@@ -45,6 +47,9 @@ class SafeSetpoint:
     connect:            connect (True) / disconnect (False) / leave as is (None).
     revert_after_s:     device-side reversion timer armed with this write (dead-man safety).
     bound_by:           the limits that bound this setpoint, highest priority first ("why").
+    revert_cap_w:       the generation cap the device should fall back to on its own if the
+                        gateway stops refreshing it (written where the model has reversion
+                        values, e.g. SunSpec 704); None = the device's own default.
     """
 
     device_id: str
@@ -53,6 +58,7 @@ class SafeSetpoint:
     connect: bool | None
     revert_after_s: int
     bound_by: tuple[str, ...]
+    revert_cap_w: float | None = None
     mint: InitVar[object]
 
     def __post_init__(self, mint: object) -> None:
@@ -76,6 +82,10 @@ class DeviceState:
     unavailable_reason: str = ""
     measured_w: float | None = None  # latest good AC output (+ generation / discharge), W
     controls: frozenset[Control] = ALL_CONTROLS  # what the device can be commanded to do
+    soc_pct: float | None = None  # batteries: state of charge (None = unknown)
+    bms_charge_max_w: float | None = None  # batteries: the BMS's dynamic limits now
+    bms_discharge_max_w: float | None = None
+    fault: str | None = None  # the device reports a fault or trip (why), None = healthy
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +107,26 @@ class SiteConditions:
     pcc_w: float | None
     export_limits: tuple[Limit, ...] = ()
     import_limits: tuple[Limit, ...] = ()
-    export_margin_w: float = 50.0
-    assumed_min_load_w: float = 0.0
-    # The PV budget the export limit allowed last cycle (Enforcement.pv_export_budget_w), and how
-    # much of a loosening to take per cycle: tightening is immediate, loosening gradual, so a
-    # loop fed readings up to a poll period old does not overshoot the limit.
-    previous_pv_budget_w: float | None = None
+    grid_hz: float | None = None  # PCC frequency, when known (frequency response detection)
+    now_mono_ns: int = 0  # when these conditions were observed (ramps, averaging)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelPolicy:
+    """How the kernel behaves: site tuning from the gateway config. Plain, immutable."""
+
+    export_margin_w: float = 50.0  # stay this far inside export/import limits
+    assumed_min_load_w: float = 0.0  # load assumed when the PCC meter is stale (open loop)
+    # Share of a loosening export budget taken per cycle: tightening is immediate, loosening
+    # gradual, so a loop fed readings up to a poll period old does not overshoot the limit.
     export_relax_gain: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class KernelState:
+    """What the kernel remembers between cycles; returned by enforce(), passed back next cycle."""
+
+    pv_budget_w: float | None = None  # the PV budget the export limit allowed last cycle
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +147,7 @@ class Enforcement:
     setpoints: tuple[SafeSetpoint, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (device_id, reason)
     notes: tuple[str, ...] = ()
-    pv_export_budget_w: float | None = None  # feed back as SiteConditions.previous_pv_budget_w
+    state: KernelState = KernelState()  # pass back as `state` next cycle
 
 
 @dataclass(slots=True)
@@ -180,7 +203,11 @@ def _clamp_to_device(plan: PlannedSetpoint, device: DeviceState) -> _Draft:
 
 
 def _apply_export_limit(
-    limit: Limit, drafts: Mapping[str, _Draft], site: SiteConditions
+    limit: Limit,
+    drafts: Mapping[str, _Draft],
+    site: SiteConditions,
+    policy: KernelPolicy,
+    state: KernelState,
 ) -> tuple[str, float]:
     """Cap PV (then battery discharge) so that export at the PCC stays within `limit`.
 
@@ -190,29 +217,42 @@ def _apply_export_limit(
     """
     pv = [d for d in drafts.values() if d.device.kind is DeviceKind.PV]
     batteries = [d for d in drafts.values() if d.device.kind is DeviceKind.BATTERY]
+    # What cannot be commanded is a given: PV without a cap control keeps making what it makes,
+    # storage without a fixed-power control keeps doing what it does.
+    capped_pv = [d for d in pv if Control.GENERATION_CAP in d.device.controls]
+    fixed_pv_w = sum(d.device.measured_w or 0.0 for d in pv if d not in capped_pv)
+    steerable = [d for d in batteries if Control.ACTIVE_POWER in d.device.controls]
 
     def battery_after(d: _Draft) -> float:
-        # Not commanded = keeps doing what it does now.
-        return d.active_w if d.active_w is not None else (d.device.measured_w or 0.0)
+        # Not commanded (or not commandable) = keeps doing what it does now.
+        if d.active_w is None or d not in steerable:
+            return d.device.measured_w or 0.0
+        return d.active_w
 
     battery_change_w = sum((d.device.measured_w or 0.0) - battery_after(d) for d in batteries)
     if site.pcc_w is not None:
-        pv_now_w = sum(d.device.measured_w or 0.0 for d in pv)
-        budget_w = pv_now_w + site.pcc_w + limit.watts + battery_change_w - site.export_margin_w
-        previous_w = site.previous_pv_budget_w
+        pv_now_w = sum(d.device.measured_w or 0.0 for d in capped_pv)
+        budget_w = pv_now_w + site.pcc_w + limit.watts + battery_change_w - policy.export_margin_w
+        previous_w = state.pv_budget_w
         if previous_w is not None and budget_w > previous_w:
-            budget_w = previous_w + site.export_relax_gain * (budget_w - previous_w)
+            budget_w = previous_w + policy.export_relax_gain * (budget_w - previous_w)
         mode = f"closed loop, PCC {_w(site.pcc_w)}"
     else:
         discharge_w = sum(max(battery_after(d), 0.0) for d in batteries)
-        budget_w = limit.watts + site.assumed_min_load_w - discharge_w - site.export_margin_w
+        budget_w = (
+            limit.watts
+            + policy.assumed_min_load_w
+            - discharge_w
+            - fixed_pv_w
+            - policy.export_margin_w
+        )
         mode = "open loop: PCC meter stale"
     why = f"export limit ({limit.source}): {_w(limit.watts)} at PCC, {mode}"
 
     if budget_w < 0.0:
         # Even with PV at zero the site would export too much: take it out of battery discharge.
         deficit_w = -budget_w
-        for d in sorted(batteries, key=lambda d: d.device.device_id):
+        for d in sorted(steerable, key=lambda d: d.device.device_id):
             discharging_w = max(battery_after(d), 0.0)
             if discharging_w <= 0.0 or deficit_w <= 0.0:
                 continue
@@ -222,15 +262,15 @@ def _apply_export_limit(
             deficit_w -= cut_w
         budget_w = 0.0
 
-    if not pv:
+    if not capped_pv:
         return why, budget_w
     # Water-fill the budget by rating, each inverter within its own cap (already nameplate-bound).
-    ratings = np.array([d.device.max_w for d in pv], dtype=np.float64)
+    ratings = np.array([d.device.max_w for d in capped_pv], dtype=np.float64)
     own_caps = np.array(
-        [d.device.max_w if d.cap_w is None else d.cap_w for d in pv], dtype=np.float64
+        [d.device.max_w if d.cap_w is None else d.cap_w for d in capped_pv], dtype=np.float64
     )
     shares = split_proportional(budget_w, ratings, own_caps)
-    for d, share_w in zip(pv, shares.tolist(), strict=True):
+    for d, share_w in zip(capped_pv, shares.tolist(), strict=True):
         if share_w < (d.device.max_w if d.cap_w is None else d.cap_w):
             d.cap_w = share_w
             d.bound_by.append(why)
@@ -252,8 +292,8 @@ def _fit_to_controls(draft: _Draft) -> str | None:
         rating_w = device.max_discharge_w or device.max_w
         if draft.cap_w >= rating_w:
             draft.cap_w = None  # not binding: nothing to enforce
-        elif Control.ACTIVE_POWER in controls:
-            # Hold at or below the cap (idle when nothing else was asked for).
+        elif Control.ACTIVE_POWER in controls and device.kind is DeviceKind.BATTERY:
+            # Storage: hold at or below the cap (idle when nothing else was asked for).
             draft.active_w = min(draft.active_w if draft.active_w is not None else 0.0, draft.cap_w)
             draft.bound_by.append(
                 f"device {device.device_id} has no generation-cap control: "
@@ -277,6 +317,8 @@ def enforce(
     site: SiteConditions,
     *,
     revert_after_s: int,
+    policy: KernelPolicy = KernelPolicy(),
+    state: KernelState = KernelState(),
 ) -> Enforcement:
     """Clamp planned setpoints into the feasible set and mint SafeSetpoints that explain themselves.
 
@@ -299,7 +341,7 @@ def enforce(
     pv_budget_w: float | None = None
     export_limit = _tightest(site.export_limits)
     if export_limit is not None:
-        why, pv_budget_w = _apply_export_limit(export_limit, drafts, site)
+        why, pv_budget_w = _apply_export_limit(export_limit, drafts, site, policy, state)
         notes.append(why)
 
     for device_id, draft in list(drafts.items()):
@@ -328,5 +370,5 @@ def enforce(
         setpoints=setpoints,
         skipped=tuple(skipped),
         notes=tuple(notes),
-        pv_export_budget_w=pv_budget_w,
+        state=KernelState(pv_budget_w=pv_budget_w),
     )

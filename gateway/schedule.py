@@ -1,21 +1,23 @@
 """Schedule resolution: which controls are in force at a given instant. Pure, no I/O.
 
-`resolve(intent, now)` answers with ActiveControls: an active event beats any default; among
-events of the same scope the lower primacy wins, then the newer creation time; with no active
-event the intent's default control applies, and with no default ever received the static
-commissioning fallback from the gateway config. Events are scoped to the whole site or to one
-device; an event naming a device this gateway does not have is never applied (and never widened
-to the site): `arrival_verdict` says so, and `resolve` skips it.
+`resolve(intent, now)` answers with ActiveControls: for the whole site and for each device, the
+merged Controls in force and, per control mode, where its value comes from. Sources, highest
+first: a local override; an active event (lower primacy wins, then newer creation time); the
+intent's defaults; the static commissioning fallback from the gateway config. An event naming a
+device this gateway does not have is never applied (and never widened to the site):
+`arrival_verdict` says so, and `resolve` skips it.
 
 Time windows are half-open [start, end), so successive events (end of A == start of B) leave no
-gap and never overlap. Randomization offsets are drawn once per event elsewhere and passed in.
+gap and never overlap. Randomization offsets are drawn once per event (`draw_randomization`,
+reproducible per gateway) and passed in.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+import hashlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 from gateway.intent import NS_PER_S, ControlEvent, Controls, EventStatus, Intent
 
@@ -23,8 +25,13 @@ __all__ = [
     "ActiveControls",
     "ArrivalVerdict",
     "ControlSource",
+    "ModeSource",
+    "Override",
+    "ScopeControls",
     "arrival_verdict",
+    "draw_randomization",
     "effective_window",
+    "next_boundary_wall_ns",
     "resolve",
 ]
 
@@ -37,6 +44,8 @@ TERMINAL_STATUSES = frozenset(
     }
 )
 
+MODES: tuple[str, ...] = tuple(f.name for f in fields(Controls))
+
 
 class ControlSource(enum.IntEnum):
     """Where the controls in force come from; values equal dergw.v1.ControlSource."""
@@ -48,22 +57,68 @@ class ControlSource(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class ActiveControls:
-    """Controls in force now, per scope, and where they come from."""
+class ModeSource:
+    """Where one control mode's value comes from."""
 
     source: ControlSource
+    label: str  # human form, e.g. "event e7 (program utility)", "fallback (config)"
+    event_id: str | None = None
+    program_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeControls:
+    """The controls in force for one scope (the site, or one device), merged per mode."""
+
+    controls: Controls = field(default_factory=Controls)
+    sources: Mapping[str, ModeSource] = field(default_factory=dict)  # mode -> source
+
+    @property
+    def event_ids(self) -> frozenset[str]:
+        return frozenset(s.event_id for s in self.sources.values() if s.event_id is not None)
+
+    def label(self, mode: str) -> str:
+        source = self.sources.get(mode)
+        return source.label if source is not None else "unknown source"
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A time-boxed local override (e.g. from the site console); the runtime drops it at expiry."""
+
+    override_id: str
+    origin: str  # who asked, e.g. "console: tech alice"
+    controls: Controls
+    device_id: str | None = None  # None = the whole site
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveControls:
+    """Controls in force now, per scope, and where each mode comes from."""
+
     intent_version: int  # 0 = no intent held
-    site: Controls
-    site_event_id: str | None = None
-    device: Mapping[str, Controls] = field(default_factory=dict)
-    device_event_ids: Mapping[str, str] = field(default_factory=dict)
+    site: ScopeControls
+    device: Mapping[str, ScopeControls] = field(default_factory=dict)
+    events_allowed: bool = True  # False: scheduled events are not executed (see blocked_reason)
+    blocked_reason: str = ""
 
     @property
     def active_event_ids(self) -> tuple[str, ...]:
-        ids = set(self.device_event_ids.values())
-        if self.site_event_id is not None:
-            ids.add(self.site_event_id)
+        ids = set(self.site.event_ids)
+        for scope in self.device.values():
+            ids |= scope.event_ids
         return tuple(sorted(ids))
+
+    @property
+    def source(self) -> ControlSource:
+        """The highest-ranking source of any mode in force (for summaries)."""
+        sources = {s.source for s in self.site.sources.values()}
+        for scope in self.device.values():
+            sources |= {s.source for s in scope.sources.values()}
+        for candidate in (ControlSource.OVERRIDE, ControlSource.EVENT, ControlSource.DEFAULT):
+            if candidate in sources:
+                return candidate
+        return ControlSource.FALLBACK
 
 
 class ArrivalVerdict(enum.Enum):
@@ -78,6 +133,25 @@ def effective_window(event: ControlEvent, offsets: tuple[int, int] = (0, 0)) -> 
     start = event.start_wall_ns + start_offset_s * NS_PER_S
     end = start + max(0, event.duration_s + duration_offset_s) * NS_PER_S
     return start, end
+
+
+def draw_randomization(gateway_id: str, event: ControlEvent) -> tuple[int, int]:
+    """The event's (start, duration) randomization offsets in s, drawn once, per gateway.
+
+    Uniform within [0, bound] (with the bound's sign), from a hash of the gateway and event
+    ids: reproducible for a gateway (a restart draws the same), spread across a fleet.
+    """
+
+    def draw(bound_s: int, salt: str) -> int:
+        if bound_s == 0:
+            return 0
+        digest = hashlib.blake2b(
+            f"{gateway_id}\x00{event.event_id}\x00{salt}".encode(), digest_size=8
+        ).digest()
+        fraction = int.from_bytes(digest, "big") / 2**64
+        return round(fraction * bound_s)
+
+    return draw(event.randomize_start_s, "start"), draw(event.randomize_duration_s, "duration")
 
 
 def arrival_verdict(
@@ -96,10 +170,78 @@ def arrival_verdict(
     return (ArrivalVerdict.ACCEPTED, "")
 
 
+def next_boundary_wall_ns(
+    intent: Intent | None, now_wall_ns: int, offsets: Mapping[str, tuple[int, int]]
+) -> int | None:
+    """The next instant after `now` at which an event starts or ends (None if there is none)."""
+    if intent is None:
+        return None
+    edges = [
+        edge
+        for event in intent.events
+        for edge in effective_window(event, offsets.get(event.event_id, (0, 0)))
+        if edge > now_wall_ns
+    ]
+    return min(edges) if edges else None
+
+
 def _winner(events: list[ControlEvent]) -> ControlEvent:
     # Lower primacy wins; at equal primacy the newer creation time; event_id breaks exact ties
     # so the answer never depends on input order.
     return min(events, key=lambda e: (e.primacy, -e.created_wall_ns, e.event_id))
+
+
+def _scope(base: ScopeControls, winner: ControlEvent | None) -> ScopeControls:
+    """`base` with every mode the winning event asks for taken from the event."""
+    if winner is None:
+        return base
+    event_source = ModeSource(ControlSource.EVENT, f"event {winner.event_id}", winner.event_id)
+    values = {mode: getattr(base.controls, mode) for mode in MODES}
+    sources = dict(base.sources)
+    for mode in MODES:
+        value = getattr(winner.controls, mode)
+        if value is not None:
+            values[mode] = value
+            sources[mode] = event_source
+    return ScopeControls(Controls(**values), sources)
+
+
+def _with_overrides(
+    scope: ScopeControls, overrides: Sequence[Override], device_id: str | None
+) -> ScopeControls:
+    for override in overrides:
+        if override.device_id != device_id:
+            continue
+        source = ModeSource(ControlSource.OVERRIDE, f"local override ({override.origin})")
+        values = {mode: getattr(scope.controls, mode) for mode in MODES}
+        sources = dict(scope.sources)
+        for mode in MODES:
+            value = getattr(override.controls, mode)
+            if value is not None:
+                values[mode] = value
+                sources[mode] = source
+        scope = ScopeControls(Controls(**values), sources)
+    return scope
+
+
+def _base(intent: Intent | None, fallback: Controls) -> ScopeControls:
+    """Defaults per mode: the intent's default control, else the config fallback."""
+    values: dict[str, object] = {}
+    sources: dict[str, ModeSource] = {}
+    default = intent.default_control if intent is not None else Controls()
+    default_source = ModeSource(
+        ControlSource.DEFAULT, f"default control v{intent.version if intent else 0}"
+    )
+    fallback_source = ModeSource(ControlSource.FALLBACK, "fallback (config)")
+    # The fallback applies only until a default control was ever received (any mode of it).
+    use_fallback = default.is_empty()
+    for mode in MODES:
+        value = getattr(default, mode)
+        if value is not None:
+            values[mode], sources[mode] = value, default_source
+        elif use_fallback and (value := getattr(fallback, mode)) is not None:
+            values[mode], sources[mode] = value, fallback_source
+    return ScopeControls(Controls(**values), sources)  # type: ignore[arg-type]
 
 
 def resolve(
@@ -109,40 +251,45 @@ def resolve(
     fallback: Controls,
     devices: Collection[str],
     offsets: Mapping[str, tuple[int, int]] | None = None,
+    overrides: Sequence[Override] = (),
+    events_allowed: bool = True,
+    blocked_reason: str = "",
 ) -> ActiveControls:
-    """The controls in force at `now_wall_ns` (see the module docstring for the rules)."""
-    offsets = offsets or {}
-    if intent is not None and not intent.default_control.is_empty():
-        base, base_source = intent.default_control, ControlSource.DEFAULT
-    else:
-        base, base_source = fallback, ControlSource.FALLBACK
-    version = intent.version if intent is not None else 0
-    if intent is None:
-        return ActiveControls(source=base_source, intent_version=0, site=base)
+    """The controls in force at `now_wall_ns` (see the module docstring for the rules).
 
+    events_allowed=False (untrusted clock, offline too long): no event is executed; defaults,
+    fallback and overrides still apply, and `blocked_reason` says why.
+    """
+    offsets = offsets or {}
+    base = _base(intent, fallback)
     site_events: list[ControlEvent] = []
     device_events: dict[str, list[ControlEvent]] = {}
-    for event in intent.events:
-        if event.status in TERMINAL_STATUSES:
-            continue
-        if event.device_id is not None and event.device_id not in devices:
-            continue
-        start, end = effective_window(event, offsets.get(event.event_id, (0, 0)))
-        if not start <= now_wall_ns < end:
-            continue
-        if event.device_id is None:
-            site_events.append(event)
-        else:
-            device_events.setdefault(event.device_id, []).append(event)
+    if intent is not None and events_allowed:
+        for event in intent.events:
+            if event.status in TERMINAL_STATUSES:
+                continue
+            if event.device_id is not None and event.device_id not in devices:
+                continue
+            start, end = effective_window(event, offsets.get(event.event_id, (0, 0)))
+            if not start <= now_wall_ns < end:
+                continue
+            if event.device_id is None:
+                site_events.append(event)
+            else:
+                device_events.setdefault(event.device_id, []).append(event)
 
-    site_winner = _winner(site_events) if site_events else None
-    device_winners = {device_id: _winner(evs) for device_id, evs in device_events.items()}
-    any_event = site_winner is not None or bool(device_winners)
+    site = _scope(base, _winner(site_events) if site_events else None)
+    site = _with_overrides(site, overrides, None)
+    device: dict[str, ScopeControls] = {}
+    override_devices = {o.device_id for o in overrides if o.device_id is not None}
+    for device_id in sorted(set(device_events) | (override_devices & set(devices))):
+        events = device_events.get(device_id, [])
+        scope = _scope(ScopeControls(), _winner(events) if events else None)
+        device[device_id] = _with_overrides(scope, overrides, device_id)
     return ActiveControls(
-        source=ControlSource.EVENT if any_event else base_source,
-        intent_version=version,
-        site=site_winner.controls if site_winner is not None else base,
-        site_event_id=site_winner.event_id if site_winner is not None else None,
-        device={device_id: e.controls for device_id, e in sorted(device_winners.items())},
-        device_event_ids={device_id: e.event_id for device_id, e in sorted(device_winners.items())},
+        intent_version=intent.version if intent is not None else 0,
+        site=site,
+        device=device,
+        events_allowed=events_allowed,
+        blocked_reason=blocked_reason,
     )

@@ -21,6 +21,7 @@ from dergw.v1 import (
 from drivers.contract import DeviceInfo, DeviceKind, Reading
 from gateway.intent import ControlEvent, Controls, EventStatus, Intent, SiteConstraints
 from gateway.safety import SafeSetpoint
+from gateway.schedule import ActiveControls, ScopeControls
 
 __all__ = [
     "IntentError",
@@ -228,23 +229,48 @@ def intent_status_payload(
 def reported_state_payload(
     *,
     wall_ns: int,
-    intent_version: int,
-    active_event_id: str | None,
-    source: int,
+    active: ActiveControls,
     setpoints: Iterable[SafeSetpoint],
     availability: Sequence[tuple[str, bool, str]],
+    notes: Sequence[str] = (),
 ) -> bytes:
+    """What the gateway enforces now, and why: every mode in force with its source."""
+    event_ids = active.active_event_ids
+    site_events = sorted(active.site.event_ids)
+    modes = [_active_mode(None, scope_mode, active.site) for scope_mode in active.site.sources] + [
+        _active_mode(device_id, scope_mode, scope)
+        for device_id, scope in active.device.items()
+        for scope_mode in scope.sources
+    ]
     return pb.ReportedState(
         time=timestamp_from_ns(wall_ns),
-        intent_version=intent_version,
-        active_event_id=active_event_id or "",
-        source=source,  # type: ignore[arg-type]
+        intent_version=active.intent_version,
+        active_event_id=(site_events or list(event_ids) or [""])[0],
+        active_event_ids=event_ids,
+        source=int(active.source),  # type: ignore[arg-type]
         setpoints=[setpoint_to_pb(s) for s in setpoints],
         devices=[
             pb.DeviceAvailability(device_id=d, available=ok, reason=why)
             for d, ok, why in availability
         ],
+        active_modes=modes,
+        clock_trusted=active.events_allowed,
+        notes=[*notes, *([active.blocked_reason] if active.blocked_reason else [])],
     ).SerializeToString()
+
+
+def _active_mode(device_id: str | None, mode: str, scope: ScopeControls) -> pb.ActiveMode:
+    value = getattr(scope.controls, mode)
+    source = scope.sources[mode]
+    return pb.ActiveMode(
+        device_id=device_id or "",
+        mode=mode,
+        value=float(value) if value is not None else math.nan,
+        source=int(source.source),  # type: ignore[arg-type]
+        event_id=source.event_id or "",
+        program_id=source.program_id or "",
+        label=source.label,
+    )
 
 
 def decision_payload(wall_ns: int, summary: str, setpoints: Iterable[SafeSetpoint]) -> bytes:

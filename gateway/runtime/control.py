@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,8 +27,13 @@ from gateway.lifecycle import DeviceOutcome, Response, ResponseStatus, after_cyc
 from gateway.outbox import RecordKind
 from gateway.plan import plan
 from gateway.runtime.recorder import Recorder
-from gateway.safety import SafeSetpoint, SiteConditions, enforce
-from gateway.schedule import ActiveControls, effective_window, resolve
+from gateway.safety import KernelPolicy, KernelState, SafeSetpoint, SiteConditions, enforce
+from gateway.schedule import (
+    ActiveControls,
+    draw_randomization,
+    next_boundary_wall_ns,
+    resolve,
+)
 from gateway.snapshot import SiteSnapshot
 from gateway.wire import (
     decision_payload,
@@ -104,6 +108,8 @@ class ControlLoop:
         clock: Clock,
     ) -> None:
         self._config = config
+        self._gateway_id = config.gateway.id
+        self._notes: tuple[str, ...] = ()  # conditions in force, for the reported state
         self._control = config.control
         self._drivers = drivers
         self._snapshot = snapshot
@@ -130,7 +136,12 @@ class ControlLoop:
         self._status_sent: tuple[int, int, bool] | None = None
         self._last_report_mono_ns: int | None = None
         self.active: ActiveControls | None = None
-        self._pv_budget_w: float | None = None  # export-limit PV budget of the last cycle
+        self._kernel_state = KernelState()  # the safety kernel's memory between cycles
+        self._policy = KernelPolicy(
+            export_margin_w=config.control.export_margin_w,
+            assumed_min_load_w=config.control.assumed_min_load_w,
+            export_relax_gain=config.control.export_relax_gain,
+        )
         self.cycles = 0
 
     # -- intent intake ------------------------------------------------------------------------
@@ -148,9 +159,10 @@ class ControlLoop:
         for event in intent.events:
             if event.event_id not in self._event_states:
                 # Randomization is drawn once per event and persisted, never re-drawn.
+                start_offset_s, duration_offset_s = draw_randomization(self._gateway_id, event)
                 self._event_states[event.event_id] = EventState(
-                    drawn_start_offset_s=_draw(event.randomize_start_s),
-                    drawn_duration_offset_s=_draw(event.randomize_duration_s),
+                    drawn_start_offset_s=start_offset_s,
+                    drawn_duration_offset_s=duration_offset_s,
                     last_response=0,
                     updated_wall_ns=now,
                 )
@@ -184,17 +196,9 @@ class ControlLoop:
 
     def _until_next_boundary_s(self) -> float:
         """Seconds until the next event starts or ends, so boundaries are met on time."""
-        if self.intent is None:
-            return float("inf")
         now = self._clock.wall_ns()
-        offsets = self._offsets()
-        upcoming = [
-            edge
-            for event in self.intent.events
-            for edge in effective_window(event, offsets.get(event.event_id, (0, 0)))
-            if edge > now
-        ]
-        return (min(upcoming) - now) / NS_PER_S if upcoming else float("inf")
+        boundary = next_boundary_wall_ns(self.intent, now, self._offsets())
+        return float("inf") if boundary is None else (boundary - now) / NS_PER_S
 
     async def step(self) -> None:
         now_wall, now_mono = self._clock.wall_ns(), self._clock.mono_ns()
@@ -211,13 +215,15 @@ class ControlLoop:
             offsets=self._offsets(),
         )
         self.active = active
+        # The controls generation: what is asked for, and by whom (not the closed-loop values).
         key = (
             active.intent_version,
-            active.source,
-            active.site,
-            active.site_event_id,
-            tuple(active.device.items()),
-            tuple(active.device_event_ids.items()),
+            active.site.controls,
+            tuple(sorted(active.site.sources.items())),
+            tuple(
+                (d, s.controls, tuple(sorted(s.sources.items()))) for d, s in active.device.items()
+            ),
+            active.events_allowed,
         )
         generation_changed = key != self._generation_key
         if generation_changed:
@@ -228,7 +234,7 @@ class ControlLoop:
                 active.source.name.lower(),
                 active.intent_version,
                 f" events {', '.join(active.active_event_ids)}" if active.active_event_ids else "",
-                active.site.describe(),
+                active.site.controls.describe(),
             )
 
         the_plan = plan(
@@ -245,14 +251,13 @@ class ControlLoop:
                 pcc_w=self._snapshot.pcc_w(now_mono),
                 export_limits=the_plan.export_limits,
                 import_limits=the_plan.import_limits,
-                export_margin_w=self._control.export_margin_w,
-                assumed_min_load_w=self._control.assumed_min_load_w,
-                previous_pv_budget_w=self._pv_budget_w,
-                export_relax_gain=self._control.export_relax_gain,
+                now_mono_ns=now_mono,
             ),
             revert_after_s=self._control.revert_timeout_s,
+            policy=self._policy,
+            state=self._kernel_state,
         )
-        self._pv_budget_w = enforcement.pv_export_budget_w
+        self._kernel_state = enforcement.state
 
         to_write = [sp for sp in enforcement.setpoints if self._needs_write(sp, now_mono)]
         changed = [
@@ -404,17 +409,9 @@ class ControlLoop:
             RecordKind.REPORTED_STATE,
             reported_state_payload(
                 wall_ns=now_wall,
-                intent_version=active.intent_version,
-                active_event_id=active.site_event_id or next(iter(active.active_event_ids), None),
-                source=int(active.source),
+                active=active,
                 setpoints=setpoints,
                 availability=availability,
+                notes=self._notes,
             ),
         )
-
-
-def _draw(bound_s: int) -> int:
-    """A randomization offset within [0, bound] (with the bound's sign), drawn once."""
-    if bound_s == 0:
-        return 0
-    return random.randint(min(0, bound_s), max(0, bound_s))

@@ -12,7 +12,7 @@ from gateway.allocate import split_proportional
 from gateway.intent import Controls, SiteConstraints
 from gateway.plan import plan
 from gateway.safety import DeviceState
-from gateway.schedule import ActiveControls, ControlSource
+from gateway.schedule import MODES, ActiveControls, ControlSource, ModeSource, ScopeControls
 
 
 @settings(max_examples=300, deadline=None)
@@ -56,14 +56,14 @@ def _devices() -> dict[str, DeviceState]:
     }
 
 
-def _active(site: Controls, **kwargs: object) -> ActiveControls:
-    return ActiveControls(
-        source=ControlSource.EVENT,
-        intent_version=4,
-        site=site,
-        site_event_id="e1",
-        **kwargs,  # type: ignore[arg-type]
-    )
+def _from_event(controls: Controls, event_id: str) -> ScopeControls:
+    source = ModeSource(ControlSource.EVENT, f"event {event_id}", event_id)
+    modes = {m: source for m in MODES if getattr(controls, m) is not None}
+    return ScopeControls(controls, modes)
+
+
+def _active(site: Controls) -> ActiveControls:
+    return ActiveControls(intent_version=4, site=_from_event(site, "e1"))
 
 
 def test_site_gen_limit_is_split_by_rating_across_available_devices_and_logged() -> None:
@@ -83,11 +83,9 @@ def test_site_target_beyond_capacity_clamps_each_device_to_its_rating() -> None:
 
 def test_device_scoped_controls_touch_only_that_device() -> None:
     active = ActiveControls(
-        source=ControlSource.EVENT,
         intent_version=4,
-        site=Controls(),
-        device={"pv_b": Controls(max_gen_pct=50.0)},
-        device_event_ids={"pv_b": "d1"},
+        site=ScopeControls(),
+        device={"pv_b": _from_event(Controls(max_gen_pct=50.0), "d1")},
     )
     by_id = {p.device_id: p for p in plan(active, _devices()).planned}
     assert by_id["pv_b"].max_active_power_w == 3000.0

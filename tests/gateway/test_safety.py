@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from drivers.contract import ALL_CONTROLS, Control, DeviceKind
 from gateway.safety import (
     DeviceState,
+    KernelPolicy,
+    KernelState,
     Limit,
     PlannedSetpoint,
     SafeSetpoint,
@@ -103,10 +105,9 @@ def test_export_limit_closed_loop_curtails_pv_by_rating_share() -> None:
     result = enforce(
         [PlannedSetpoint("pv1"), PlannedSetpoint("pv2")],
         {"pv1": _pv("pv1", 6000.0, 6000.0), "pv2": _pv("pv2", 3000.0, 3000.0)},
-        SiteConditions(
-            pcc_w=-6000.0, export_limits=(Limit("event e1", 2000.0),), export_margin_w=50.0
-        ),
+        SiteConditions(pcc_w=-6000.0, export_limits=(Limit("event e1", 2000.0),)),
         revert_after_s=30,
+        policy=KernelPolicy(export_margin_w=50.0),
     )
     caps = {s.device_id: s.max_active_power_w for s in result.setpoints}
     assert caps["pv1"] == pytest.approx((9000 - 6000 + 2000 - 50) * 6 / 9)
@@ -121,9 +122,9 @@ def test_tightest_export_limit_wins_and_is_named() -> None:
         SiteConditions(
             pcc_w=-1000.0,
             export_limits=(Limit("site contract (config)", 5000.0), Limit("event e2", 500.0)),
-            export_margin_w=0.0,
         ),
         revert_after_s=30,
+        policy=KernelPolicy(export_margin_w=0.0),
     )
     (setpoint,) = result.setpoints
     assert setpoint.max_active_power_w == pytest.approx(5000 - 1000 + 500)
@@ -137,10 +138,9 @@ def test_stale_meter_switches_to_open_loop() -> None:
         SiteConditions(
             pcc_w=None,
             export_limits=(Limit("event e1", 1000.0),),
-            export_margin_w=0.0,
-            assumed_min_load_w=300.0,
         ),
         revert_after_s=30,
+        policy=KernelPolicy(export_margin_w=0.0, assumed_min_load_w=300.0),
     ).setpoints
     assert setpoint.max_active_power_w == pytest.approx(1300.0)
     assert "open loop" in setpoint.bound_by[0]
@@ -150,8 +150,9 @@ def test_zero_export_with_discharging_battery_cuts_discharge() -> None:
     result = enforce(
         [PlannedSetpoint("pv1"), PlannedSetpoint("bat1", active_power_w=4000.0)],
         {"pv1": _pv("pv1", 5000.0, 0.0), "bat1": _battery("bat1", 5000.0, 0.0)},
-        SiteConditions(pcc_w=1000.0, export_limits=(Limit("event z", 0.0),), export_margin_w=0.0),
+        SiteConditions(pcc_w=1000.0, export_limits=(Limit("event z", 0.0),)),
         revert_after_s=30,
+        policy=KernelPolicy(export_margin_w=0.0),
     )
     by_id = {s.device_id: s for s in result.setpoints}
     # Load is 1 kW: discharging 4 kW would export 3 kW; discharge is cut to the load.
@@ -163,41 +164,57 @@ finite_w = st.floats(min_value=-2e5, max_value=2e5, allow_nan=False)
 any_w = st.one_of(st.none(), finite_w, st.just(math.nan), st.just(math.inf))
 
 
+Case = tuple[list[PlannedSetpoint], dict[str, DeviceState], SiteConditions, KernelPolicy]
+
+
 @st.composite
-def sites(draw: st.DrawFn) -> tuple[list[PlannedSetpoint], dict[str, DeviceState], SiteConditions]:
+def sites(draw: st.DrawFn) -> Case:
     n_pv = draw(st.integers(0, 4))
     n_bat = draw(st.integers(0, 2))
+    # Mostly fully controllable devices (where the export bound is asserted), sometimes not.
+    controls = st.one_of(
+        st.just(ALL_CONTROLS),
+        st.just(ALL_CONTROLS),
+        st.frozensets(st.sampled_from(list(Control))),
+    )
+    connect = st.sampled_from([None, True, False])
     devices: dict[str, DeviceState] = {}
     planned: list[PlannedSetpoint] = []
     for i in range(n_pv):
         rating = draw(st.floats(100.0, 50000.0))
-        devices[f"pv{i}"] = _pv(f"pv{i}", rating, draw(st.floats(0.0, rating)))
-        planned.append(PlannedSetpoint(f"pv{i}", max_active_power_w=draw(any_w)))
+        pv = _pv(f"pv{i}", rating, draw(st.floats(0.0, rating)))
+        devices[f"pv{i}"] = dataclasses.replace(pv, controls=draw(controls))
+        planned.append(
+            PlannedSetpoint(f"pv{i}", max_active_power_w=draw(any_w), connect=draw(connect))
+        )
     for i in range(n_bat):
         rating = draw(st.floats(100.0, 20000.0))
-        devices[f"bat{i}"] = _battery(f"bat{i}", rating, draw(st.floats(-rating, rating)))
+        battery = _battery(f"bat{i}", rating, draw(st.floats(-rating, rating)))
+        devices[f"bat{i}"] = dataclasses.replace(battery, controls=draw(controls))
         planned.append(
-            PlannedSetpoint(f"bat{i}", max_active_power_w=draw(any_w), active_power_w=draw(any_w))
+            PlannedSetpoint(
+                f"bat{i}",
+                max_active_power_w=draw(any_w),
+                active_power_w=draw(any_w),
+                connect=draw(connect),
+            )
         )
     limits = tuple(
         Limit(f"l{i}", draw(st.floats(0.0, 1e5))) for i in range(draw(st.integers(0, 3)))
     )
-    site = SiteConditions(
-        pcc_w=draw(st.one_of(st.none(), finite_w)),
-        export_limits=limits,
+    site = SiteConditions(pcc_w=draw(st.one_of(st.none(), finite_w)), export_limits=limits)
+    policy = KernelPolicy(
         export_margin_w=draw(st.floats(0.0, 500.0)),
         assumed_min_load_w=draw(st.floats(0.0, 1000.0)),
     )
-    return planned, devices, site
+    return planned, devices, site, policy
 
 
 @settings(max_examples=400, deadline=None)
 @given(sites())
-def test_no_enforced_setpoint_ever_violates_a_limit(
-    case: tuple[list[PlannedSetpoint], dict[str, DeviceState], SiteConditions],
-) -> None:
-    planned, devices, site = case
-    result = enforce(planned, devices, site, revert_after_s=60)
+def test_no_enforced_setpoint_ever_violates_a_limit(case: Case) -> None:
+    planned, devices, site, policy = case
+    result = enforce(planned, devices, site, revert_after_s=60, policy=policy)
     for setpoint in result.setpoints:
         device = devices[setpoint.device_id]
         # Never a command the device has no control for.
@@ -218,7 +235,8 @@ def test_no_enforced_setpoint_ever_violates_a_limit(
             assert -device.max_charge_w <= active <= device.max_discharge_w
             if cap is not None:
                 assert active <= cap + 1e-6
-    if site.export_limits and devices:
+    fully_controllable = all(d.controls == ALL_CONTROLS for d in devices.values())
+    if site.export_limits and devices and fully_controllable:
         # Predicted export after the commands never exceeds the tightest limit.
         limit = min(limit.watts for limit in site.export_limits)
         pv = [s for s in result.setpoints if devices[s.device_id].kind is PV]
@@ -238,12 +256,28 @@ def test_no_enforced_setpoint_ever_violates_a_limit(
             bat_now = sum(devices[s.device_id].measured_w or 0.0 for s in bat)
             load = site.pcc_w + pv_now + bat_now
         else:
-            load = site.assumed_min_load_w
+            load = policy.assumed_min_load_w
         export_after = pv_after + bat_after - load
         # Only when the limit is reachable by curtailment and cutting discharge (charging
         # batteries are never asked to charge harder by the export limiter).
         if load + max(0.0, -bat_after) >= 0.0 and bat_after >= 0.0:
             assert export_after <= limit + 1e-6
+
+
+def test_uncontrollable_generation_is_a_given_not_a_share() -> None:
+    # Found by hypothesis: pv2 cannot be capped and makes 200 W; under a 0 W export limit the
+    # budget must not hand that 200 W to pv0/pv1 as if pv2 would obey.
+    fixed = dataclasses.replace(_pv("pv2", 200.0, 200.0), controls=frozenset())
+    result = enforce(
+        [PlannedSetpoint("pv0"), PlannedSetpoint("pv1"), PlannedSetpoint("pv2")],
+        {"pv0": _pv("pv0", 100.0, 0.0), "pv1": _pv("pv1", 100.0, 0.0), "pv2": fixed},
+        SiteConditions(pcc_w=0.0, export_limits=(Limit("l", 0.0),)),
+        revert_after_s=60,
+        policy=KernelPolicy(export_margin_w=0.0),
+    )
+    caps = {s.device_id: s.max_active_power_w for s in result.setpoints}
+    assert caps["pv0"] == 0.0
+    assert caps["pv1"] == 0.0
 
 
 def test_every_enforced_setpoint_is_a_safe_setpoint() -> None:
@@ -307,15 +341,11 @@ def test_export_budget_tightens_at_once_and_relaxes_gradually() -> None:
         return enforce(
             [PlannedSetpoint("pv1")],
             devices,
-            SiteConditions(
-                pcc_w=pcc_w,
-                export_limits=(Limit("event e", 2000.0),),
-                export_margin_w=0.0,
-                previous_pv_budget_w=previous,
-                export_relax_gain=0.5,
-            ),
+            SiteConditions(pcc_w=pcc_w, export_limits=(Limit("event e", 2000.0),)),
             revert_after_s=60,
-        ).pv_export_budget_w
+            policy=KernelPolicy(export_margin_w=0.0, export_relax_gain=0.5),
+            state=KernelState(pv_budget_w=previous),
+        ).state.pv_budget_w
 
     # Headroom of 1 kW (export 1 kW under a 2 kW limit): half of it per cycle.
     assert budget(-1000.0, previous=4000.0) == pytest.approx(4500.0)

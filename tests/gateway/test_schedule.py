@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from gateway.intent import NS_PER_S, ControlEvent, Controls, EventStatus, Intent, SiteConstraints
 from gateway.schedule import (
+    ActiveControls,
     ArrivalVerdict,
     ControlSource,
     arrival_verdict,
@@ -47,6 +48,11 @@ def _intent(*events: ControlEvent, default: Controls = DEFAULT) -> Intent:
     return Intent("site", 3, T0, tuple(events), default, SiteConstraints())
 
 
+def _site_event(active: ActiveControls) -> str | None:
+    (event_id,) = active.site.event_ids or {None}
+    return event_id
+
+
 def _at(intent: Intent | None, t_s: float):
     return resolve(intent, T0 + int(t_s * NS_PER_S), fallback=FALLBACK, devices=DEVICES)
 
@@ -54,7 +60,7 @@ def _at(intent: Intent | None, t_s: float):
 def test_no_intent_uses_the_static_fallback() -> None:
     active = _at(None, 0)
     assert active.source is ControlSource.FALLBACK
-    assert active.site == FALLBACK
+    assert active.site.controls == FALLBACK
     assert active.intent_version == 0
 
 
@@ -68,20 +74,20 @@ def test_default_applies_outside_events_and_event_inside() -> None:
     assert _at(intent, 9.999).source is ControlSource.DEFAULT
     inside = _at(intent, 10)
     assert inside.source is ControlSource.EVENT
-    assert inside.site_event_id == "e1"
-    assert inside.site.export_limit_w == 1000.0
-    assert _at(intent, 29.999).site_event_id == "e1"
+    assert _site_event(inside) == "e1"
+    assert inside.site.controls.export_limit_w == 1000.0
+    assert _site_event(_at(intent, 29.999)) == "e1"
     after = _at(intent, 30)
     assert after.source is ControlSource.DEFAULT
-    assert after.site == DEFAULT
+    assert after.site.controls == DEFAULT
 
 
 def test_successive_events_leave_no_gap() -> None:
     intent = _intent(_event("a", 0, 10, export_w=1.0), _event("b", 10, 10, export_w=2.0))
     for t in (0, 5, 9.999999, 10, 15, 19.999):
         assert _at(intent, t).source is ControlSource.EVENT, t
-    assert _at(intent, 9.999999).site_event_id == "a"
-    assert _at(intent, 10).site_event_id == "b"
+    assert _site_event(_at(intent, 9.999999)) == "a"
+    assert _site_event(_at(intent, 10)) == "b"
 
 
 def test_lower_primacy_wins_then_newer_creation() -> None:
@@ -90,7 +96,7 @@ def test_lower_primacy_wins_then_newer_creation() -> None:
         _event("high_old", 0, 100, primacy=1, created_s=1),
         _event("high_new", 0, 100, primacy=1, created_s=2),
     )
-    assert _at(intent, 5).site_event_id == "high_new"
+    assert _site_event(_at(intent, 5)) == "high_new"
 
 
 def test_cancelled_and_superseded_events_never_apply() -> None:
@@ -106,9 +112,9 @@ def test_cancelled_and_superseded_events_never_apply() -> None:
 def test_device_event_applies_to_that_device_only() -> None:
     intent = _intent(_event("d", 0, 100, device_id="pv2"))
     active = _at(intent, 1)
-    assert active.site == DEFAULT
-    assert active.site_event_id is None
-    assert dict(active.device_event_ids) == {"pv2": "d"}
+    assert active.site.controls == DEFAULT
+    assert _site_event(active) is None
+    assert {d: set(sc.event_ids) for d, sc in active.device.items()} == {"pv2": {"d"}}
     assert active.source is ControlSource.EVENT
 
 
@@ -116,7 +122,7 @@ def test_unknown_device_event_is_never_widened_to_the_site() -> None:
     intent = _intent(_event("ghost", 0, 100, device_id="pv99"))
     active = _at(intent, 1)
     assert active.source is ControlSource.DEFAULT
-    assert active.site == DEFAULT
+    assert active.site.controls == DEFAULT
     assert dict(active.device) == {}
     verdict, reason = arrival_verdict(intent.events[0], T0, DEVICES)
     assert verdict is ArrivalVerdict.REJECTED_INVALID
@@ -177,9 +183,12 @@ def test_resolve_matches_brute_force(events: list[ControlEvent], t_s: int) -> No
     intent = _intent(*events)
     t_ns = T0 + t_s * NS_PER_S
     active = resolve(intent, t_ns, fallback=FALLBACK, devices=DEVICES)
-    assert active.site_event_id == _reference(intent, t_ns, None)
+    assert _site_event(active) == _reference(intent, t_ns, None)
     for device in DEVICES:
-        assert active.device_event_ids.get(device) == _reference(intent, t_ns, device)
+        scope = active.device.get(device)
+        assert (next(iter(scope.event_ids), None) if scope else None) == _reference(
+            intent, t_ns, device
+        )
     assert "nope" not in active.device
     expected = ControlSource.EVENT if active.active_event_ids else ControlSource.DEFAULT
     assert active.source is expected
