@@ -11,7 +11,8 @@ A driver owns one device and its connection. Its surface is small and uniform:
 Rules that every driver keeps (tests hold them to it):
   * `read()` never raises for device or transport errors: it returns a Reading whose points are
     all QUALITY_BAD_COMM with NaN values and `error` set. It never returns an older value with a
-    new timestamp.
+    new timestamp. When the device itself reports a fault or trip, `fault` says so (the safety
+    kernel then stops commanding it toward more output).
   * `write()` accepts nothing but a SafeSetpoint, writes it, reads the registers back and reports
     `ok=True` only when the read-back matches; otherwise `ok=False` with a reason. It never raises
     for device or transport errors either.
@@ -147,7 +148,8 @@ class Reading:
     schema: PointSchema
     values: npt.NDArray[np.float64]
     quality: npt.NDArray[np.uint8]
-    error: str | None = None
+    error: str | None = None  # the read failed (every point BAD_COMM)
+    fault: str | None = None  # the device reports a fault or trip state (why), from this read
 
     @property
     def ok(self) -> bool:

@@ -134,6 +134,9 @@ class SiteConfig(_Model):
     feeder: str = ""
     export_limit_w: NonNegativeWatts | None = None  # contracted export limit at the PCC
     import_limit_w: NonNegativeWatts | None = None  # contracted import limit at the PCC
+    # Where the site is (decimal degrees), for the solar shape of the PV forecast; optional.
+    latitude: Annotated[float, Field(ge=-90, le=90)] | None = None
+    longitude: Annotated[float, Field(ge=-180, le=180)] | None = None
 
 
 _HOSTNAME = re.compile(
@@ -209,6 +212,12 @@ class ControlConfig(_Model):
     # Share of a loosening export budget taken per cycle (tightening is always immediate):
     # below 1 the loop cannot overshoot the limit on readings up to a poll period old.
     export_relax_gain: float = Field(default=0.5, gt=0.0, le=1.0)
+    # When the wall clock counts as right (scheduled events wait for it): "assume" (dev, RTC),
+    # "kernel" (adjtimex reports NTP sync) or "file:PATH" (e.g. timesyncd's synchronized flag).
+    clock_trust: Annotated[str, StringConstraints(pattern=r"^(assume|kernel|file:.+)$")] = "assume"
+    # Optional: after this long without the headend, stop executing events (defaults only).
+    # Off by default (CSIP-AUS: keep following the cached schedule).
+    max_offline_s: Annotated[float, Field(gt=0)] | None = None
     fallback: FallbackConfig = FallbackConfig()
 
     @model_validator(mode="after")

@@ -103,13 +103,26 @@ class SiteSnapshot:
                 unavailable_reason=reason,
                 measured_w=fresh.get("W") if fresh is not None else None,
                 controls=slot.info.controls if slot.info is not None else frozenset(),
+                soc_pct=fresh.get("SoC") if fresh is not None else None,
+                bms_charge_max_w=fresh.get("WChaRteMax") if fresh is not None else None,
+                bms_discharge_max_w=fresh.get("WDisChaRteMax") if fresh is not None else None,
+                fault=fresh.fault if fresh is not None else None,
             )
         return states
 
-    def pcc_w(self, now_mono_ns: int) -> float | None:
-        """PCC meter power (+ import / - export) if fresh and good, else None (stale or bad)."""
+    def pcc_reading(self, now_mono_ns: int) -> Reading | None:
+        """The PCC meter's latest reading if fresh and good, else None (stale, bad, no meter)."""
         for slot in self._slots.values():
             if slot.role == "pcc":
-                fresh = self._fresh(slot, now_mono_ns)
-                return fresh.get("W") if fresh is not None else None
+                return self._fresh(slot, now_mono_ns)
         return None
+
+    def pcc_w(self, now_mono_ns: int) -> float | None:
+        """PCC meter power (+ import / - export) if fresh and good, else None (stale or bad)."""
+        reading = self.pcc_reading(now_mono_ns)
+        return reading.get("W") if reading is not None else None
+
+    def grid_hz(self, now_mono_ns: int) -> float | None:
+        """Grid frequency at the PCC meter, if fresh and good."""
+        reading = self.pcc_reading(now_mono_ns)
+        return reading.get("Hz") if reading is not None else None

@@ -233,6 +233,7 @@ def reported_state_payload(
     setpoints: Iterable[SafeSetpoint],
     availability: Sequence[tuple[str, bool, str]],
     notes: Sequence[str] = (),
+    clock_trusted: bool = True,
 ) -> bytes:
     """What the gateway enforces now, and why: every mode in force with its source."""
     event_ids = active.active_event_ids
@@ -254,8 +255,8 @@ def reported_state_payload(
             for d, ok, why in availability
         ],
         active_modes=modes,
-        clock_trusted=active.events_allowed,
-        notes=[*notes, *([active.blocked_reason] if active.blocked_reason else [])],
+        clock_trusted=clock_trusted,
+        notes=list(notes),
     ).SerializeToString()
 
 

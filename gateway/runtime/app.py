@@ -80,6 +80,8 @@ class Gateway:
             recorder=self.recorder,
             store=self.store,
             clock=self.clock,
+            # Late-bound: the uplink is built just below.
+            offline_for_s=lambda: self.uplink.offline_for_s(),
         )
         self.inventory_changed = asyncio.Event()
         self.uplink = GrpcUplink(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from drivers.contract import DeviceKind, Driver, WriteResult
@@ -25,16 +25,19 @@ from gateway.intent import Controls, Intent
 from gateway.intent_store import EventState, IntentStore
 from gateway.lifecycle import DeviceOutcome, Response, ResponseStatus, after_cycle, on_arrival
 from gateway.outbox import RecordKind
+from gateway.overrides import OverrideBook
 from gateway.plan import plan
 from gateway.runtime.recorder import Recorder
 from gateway.safety import KernelPolicy, KernelState, SafeSetpoint, SiteConditions, enforce
 from gateway.schedule import (
     ActiveControls,
+    Override,
     draw_randomization,
     next_boundary_wall_ns,
     resolve,
 )
 from gateway.snapshot import SiteSnapshot
+from gateway.timesync import ClockTrust, ClockWatch
 from gateway.wire import (
     decision_payload,
     event_response_payload,
@@ -106,6 +109,7 @@ class ControlLoop:
         recorder: Recorder,
         store: IntentStore,
         clock: Clock,
+        offline_for_s: Callable[[], float | None] = lambda: None,
     ) -> None:
         self._config = config
         self._gateway_id = config.gateway.id
@@ -142,6 +146,10 @@ class ControlLoop:
             assumed_min_load_w=config.control.assumed_min_load_w,
             export_relax_gain=config.control.export_relax_gain,
         )
+        self._clock_trust = ClockTrust(config.control.clock_trust)
+        self._clock_watch = ClockWatch()
+        self._offline_for_s = offline_for_s
+        self.overrides = OverrideBook()
         self.cycles = 0
 
     # -- intent intake ------------------------------------------------------------------------
@@ -169,6 +177,53 @@ class ControlLoop:
         responses = on_arrival(intent, last, now, self._device_ids)
         await self._emit_responses(intent.version, responses, now)
         self._wake.set()
+
+    # -- local overrides ----------------------------------------------------------------------
+
+    def add_override(
+        self,
+        controls: Controls,
+        *,
+        origin: str,
+        duration_s: float,
+        device_id: str | None = None,
+    ) -> Override:
+        """Apply `controls` locally for `duration_s`, above events, through the safety kernel.
+
+        Raises OverrideError (nothing changes) for an invalid request. Recorded with its origin.
+        """
+        timed = self.overrides.add(
+            controls,
+            origin=origin,
+            duration_s=duration_s,
+            now_mono_ns=self._clock.mono_ns(),
+            devices=self._device_ids,
+            device_id=device_id,
+        )
+        override = timed.override
+        scope = override.device_id or "site"
+        summary = (
+            f"override {override.override_id} by {origin} on {scope} for {duration_s:g} s: "
+            f"{controls.describe()}"
+        )
+        log.warning("%s", summary)
+        self._recorder.record(
+            RecordKind.DECISION, decision_payload(self._clock.wall_ns(), summary, ())
+        )
+        self._wake.set()
+        return override
+
+    def clear_override(self, override_id: str, *, origin: str) -> bool:
+        timed = self.overrides.clear(override_id)
+        if timed is None:
+            return False
+        summary = f"override {override_id} cleared by {origin}"
+        log.warning("%s", summary)
+        self._recorder.record(
+            RecordKind.DECISION, decision_payload(self._clock.wall_ns(), summary, ())
+        )
+        self._wake.set()
+        return True
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -200,12 +255,36 @@ class ControlLoop:
         boundary = next_boundary_wall_ns(self.intent, now, self._offsets())
         return float("inf") if boundary is None else (boundary - now) / NS_PER_S
 
+    def _events_gate(self, now_wall: int, now_mono: int) -> tuple[bool, list[str]]:
+        """May events run now? (clock trusted, not offline too long), and notes for the report."""
+        notes: list[str] = []
+        step = self._clock_watch.observe(now_wall, now_mono)
+        if step is not None:
+            log.warning("wall clock stepped by %+.1f s: schedule re-resolved", step.step_s)
+            notes.append(f"wall clock stepped by {step.step_s:+.1f} s")
+        if not self._clock_trust.trusted():
+            return False, [*notes, self._clock_trust.reason()]
+        offline_s = self._offline_for_s()
+        limit_s = self._control.max_offline_s
+        if limit_s is not None and offline_s is not None and offline_s > limit_s:
+            return False, [
+                *notes,
+                f"headend unreachable for {offline_s:.0f} s > max_offline_s {limit_s:g} s: "
+                "events suspended, defaults in force",
+            ]
+        return True, notes
+
     async def step(self) -> None:
         now_wall, now_mono = self._clock.wall_ns(), self._clock.mono_ns()
         states = self._snapshot.device_states(now_mono)
         for device_id, state in states.items():
             if state.max_w > 0:
                 self._ratings[device_id] = state.max_w
+        for timed in self.overrides.expire(now_mono):
+            summary = f"override {timed.override.override_id} by {timed.override.origin} expired"
+            log.warning("%s", summary)
+            self._recorder.record(RecordKind.DECISION, decision_payload(now_wall, summary, ()))
+        events_allowed, gate_notes = self._events_gate(now_wall, now_mono)
         intent = self.intent
         active = resolve(
             intent,
@@ -213,6 +292,9 @@ class ControlLoop:
             fallback=self._fallback,
             devices=self._device_ids,
             offsets=self._offsets(),
+            overrides=self.overrides.active(),
+            events_allowed=events_allowed,
+            blocked_reason="; ".join(n for n in gate_notes if "stepped" not in n),
         )
         self.active = active
         # The controls generation: what is asked for, and by whom (not the closed-loop values).
@@ -251,6 +333,7 @@ class ControlLoop:
                 pcc_w=self._snapshot.pcc_w(now_mono),
                 export_limits=the_plan.export_limits,
                 import_limits=the_plan.import_limits,
+                grid_hz=self._snapshot.grid_hz(now_mono),
                 now_mono_ns=now_mono,
             ),
             revert_after_s=self._control.revert_timeout_s,
@@ -258,6 +341,9 @@ class ControlLoop:
             state=self._kernel_state,
         )
         self._kernel_state = enforcement.state
+        notes = (*gate_notes, *enforcement.notes)
+        notes_changed = notes != self._notes
+        self._notes = notes
 
         to_write = [sp for sp in enforcement.setpoints if self._needs_write(sp, now_mono)]
         changed = [
@@ -286,7 +372,13 @@ class ControlLoop:
 
         outcomes = self._outcomes()
         await self._lifecycle(intent, active, outcomes, now_wall)
-        self._report(active, enforcement.setpoints, generation_changed, now_wall, now_mono)
+        self._report(
+            active,
+            enforcement.setpoints,
+            generation_changed or notes_changed,
+            now_wall,
+            now_mono,
+        )
         self.cycles += 1
 
     def _needs_write(self, setpoint: SafeSetpoint, now_mono: int) -> bool:
@@ -413,5 +505,6 @@ class ControlLoop:
                 setpoints=setpoints,
                 availability=availability,
                 notes=self._notes,
+                clock_trusted=self._clock_trust.trusted(),
             ),
         )

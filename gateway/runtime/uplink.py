@@ -59,6 +59,8 @@ class UplinkHealth:
     sent_batches: int = 0
     next_retry_s: float = 0.0
     intents_received: int = 0
+    # Since when the headend has been unreachable (monotonic ns); None while connected.
+    down_since_mono_ns: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -84,7 +86,12 @@ class GrpcUplink:
         self._inventory_changed = inventory_changed
         self._clock = clock
         self._wait = wait_random_exponential(multiplier=0.5, max=config.reconnect_max_s)
-        self.health = UplinkHealth()
+        self.health = UplinkHealth(down_since_mono_ns=clock.mono_ns())
+
+    def offline_for_s(self) -> float | None:
+        """How long the headend has been unreachable (None while connected)."""
+        since = self.health.down_since_mono_ns
+        return None if since is None else (self._clock.mono_ns() - since) / 1e9
 
     async def run(self) -> None:
         attempt = 0
@@ -101,6 +108,8 @@ class GrpcUplink:
             finally:
                 was_connected = self.health.connected
                 self.health.connected = False
+                if was_connected:
+                    self.health.down_since_mono_ns = self._clock.mono_ns()
             if was_connected:
                 log.warning("uplink lost: %s", self.health.last_error)
             attempt = 1 if time.monotonic() - started > HEALTHY_SESSION_S else attempt + 1
@@ -131,6 +140,7 @@ class GrpcUplink:
                 raise UplinkProtocolError("headend did not answer Register with RegisterAck")
             last_sent = await self._on_register_ack(first.register_ack)
             self.health.connected = True
+            self.health.down_since_mono_ns = None
             self.health.sessions += 1
             log.info("uplink connected to %s (committed seq %d)", self._config.target, last_sent)
 
