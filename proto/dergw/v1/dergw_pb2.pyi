@@ -685,12 +685,22 @@ class EventResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_START_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_END_FIELD_NUMBER: _builtins.int
     intent_version: _builtins.int
     event_id: _builtins.str
     status: Global___ResponseStatus.ValueType
     reason: _builtins.str
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def effective_start(self) -> _timestamp_pb2.Timestamp:
+        """The event's window as this gateway executes it (start/duration randomization drawn once,
+        per gateway); set on RECEIVED and STARTED.
+        """
+
+    @_builtins.property
+    def effective_end(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -699,10 +709,12 @@ class EventResponse(_message.Message):
         status: Global___ResponseStatus.ValueType = ...,
         reason: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        effective_start: _timestamp_pb2.Timestamp | None = ...,
+        effective_end: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_end", b"effective_end", "effective_start", b"effective_start", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "intent_version", b"intent_version", "reason", b"reason", "status", b"status", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_end", b"effective_end", "effective_start", b"effective_start", "event_id", b"event_id", "intent_version", b"intent_version", "reason", b"reason", "status", b"status", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
