@@ -10,15 +10,23 @@ Owns the binding between the pure physics and the wire:
 - the physics task: fixed dt at `physics_hz`, catching up when the event loop was late; queued
   writes take effect at the next step, and controls that the physics changes on its own (revert
   timers) are written back into the registers;
-- fault injection per device (`Fault`) and a `SiteState` snapshot for tests.
+- communication fault injection per device (`Fault`), injected site conditions (grid
+  frequency, irradiance, load, SoC) and inverter trips (`set_device_fault`), and a `SiteState`
+  snapshot for tests.
 
-Device models: PV inverter 1/103/120/121/123, battery inverter 1/103/120/124/802, PCC meter
-1/203; each chain ends with 0xFFFF/0. Energy counters start at `ENERGY_START_WH` so that a fresh
-acc32 counter never reads as 0, which SunSpec reserves for "not implemented". The physics acts on
-Conn, WMaxLimPct (+ _Ena, _RvrtTms, _RmpTms), Conn_RvrtTms, WMax and WGra (PV) and StorCtl_Mod,
-OutWRte, InWRte, InOutWRte_RvrtTms and WChaMax (battery). Other writable points (OutPFSet,
-VArPct, *_WinTms, WChaGra, SoCRsvMin/Max, SetOp, ...) are validated, stored and served back, but
-have no effect.
+Device models (`MODELS`, by device group): PV inverter 1/103/120/121/123 ("pv", family "1xx")
+or 1/701/702/704 ("pv-7xx", family "7xx"), battery inverter 1/103/120/124/802, PCC meter 1/203;
+each chain ends with 0xFFFF/0. Energy counters start at `ENERGY_START_WH` so that a fresh acc32
+counter never reads as 0, which SunSpec reserves for "not implemented". The physics acts on
+Conn, WMaxLimPct (+ _Ena, _RvrtTms, _RmpTms), Conn_RvrtTms, WMax and WGra (1xx PV);
+WMaxLimPctEna, WMaxLimPct, WMaxLimPctRvrtTms and the reversion values WMaxLimPctRvrt /
+WMaxLimPctEnaRvrt (704), WMax (702) and WRmp (704) (7xx PV); StorCtl_Mod, OutWRte, InWRte,
+InOutWRte_RvrtTms and WChaMax (battery). Other writable points (OutPFSet, VArPct, *_WinTms,
+WChaGra, SoCRsvMin/Max, SetOp, 704 WSet*/VarSet*/PF*, ...) are validated, stored and served
+back, but have no effect.
+
+A tripped inverter (`set_device_fault(id, True)`) serves St = FAULT (103) or InvSt = FAULT (701)
+and its trip bit in 103 Evt1 / 701 Alrm, and produces nothing until cleared.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import contextlib
 import enum
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -40,17 +48,26 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from hil.physics import BatteryParams, PhysicsConfig, Profile, PvParams, SitePhysics
+from hil.physics import (
+    BatteryParams,
+    PhysicsConfig,
+    PhysicsConfigError,
+    Profile,
+    PvParams,
+    SitePhysics,
+)
 from hil.site import DeviceSpec, SiteSpec
 from hil.sunspec_image import PointDef, RegisterBank, build_layout
 
 log = logging.getLogger(__name__)
 
+# Model chains by device group: the kind, with "-7xx" for devices of family "7xx".
 MODELS: Mapping[str, tuple[int, ...]] = MappingProxyType(
     {
         "pv": (1, 103, 120, 121, 123),
         "battery": (1, 103, 120, 124, 802),
         "meter": (1, 203),
+        "pv-7xx": (1, 701, 702, 704),
     }
 )
 MANUFACTURER = "dergw-sim"
@@ -63,8 +80,9 @@ DC_BUS_V = 600.0  # PV string voltage
 BATTERY_NOMINAL_V = 400.0
 _SQRT3 = math.sqrt(3.0)
 
-# 103 St
-ST_OFF, ST_SLEEPING, ST_MPPT, ST_THROTTLED, ST_STANDBY = 1, 2, 4, 5, 8
+# 103 St (701 InvSt is the same list, one lower: OFF = 0 ... FAULT = 6, STANDBY = 7)
+ST_OFF, ST_SLEEPING, ST_MPPT, ST_THROTTLED, ST_FAULT, ST_STANDBY = 1, 2, 4, 5, 7, 8
+DEFAULT_TRIP_ALARM = "GROUND_FAULT"  # 103 Evt1 / 701 Alrm bit set by set_device_fault
 # 124 / 802 ChaSt
 CHA_EMPTY, CHA_DISCHARGING, CHA_CHARGING, CHA_FULL, CHA_HOLDING = 2, 3, 4, 5, 6
 BAT_STATE_CONNECTED = 3  # 802 State
@@ -96,7 +114,10 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class DeviceState:
-    """One device: physics truth plus its control registers decoded (None = not applicable)."""
+    """One device: physics truth plus its control registers decoded (None = not applicable).
+
+    For 7xx PV, `wmaxlim_*` come from 704 and `conn` from 701 ConnSt.
+    """
 
     id: str
     kind: str
@@ -110,6 +131,13 @@ class DeviceState:
     in_w_rte: float | None
     out_w_rte: float | None
     fault: Fault | None
+    family: str = "1xx"
+    tripped: bool = False  # set_device_fault: the inverter reports FAULT and produces nothing
+    trip_alarm: str | None = None  # the Evt1 / Alrm bit it reports while tripped
+    droop_w: float = 0.0  # frequency response this step (+ up, - down)
+    wmaxlim_pct_rvrt: float | None = None  # 704 reversion values and time left on the timer
+    wmaxlim_ena_rvrt: int | None = None
+    wmaxlim_rvrt_rem_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,10 @@ class SiteState:
     battery_w: float  # + discharge
     grid_hz: float
     devices: Mapping[str, DeviceState]
+    irradiance_w_m2: float = 0.0  # before each inverter's own noise
+    irradiance_override: float | None = None  # injected conditions in force (None = profile)
+    load_override: float | None = None
+    grid_hz_override: float | None = None
 
 
 # --- scaling helpers ------------------------------------------------------------------------
@@ -144,13 +176,22 @@ def _w_sf(spec: DeviceSpec, bound_w: float) -> int:
 # --- per-device runtime ---------------------------------------------------------------------
 
 
+def device_group(spec: DeviceSpec) -> str:
+    """The `MODELS` key of a device: its kind, with "-7xx" for family "7xx"."""
+    return spec.kind if spec.family == "1xx" else f"{spec.kind}-{spec.family}"
+
+
 @dataclass(eq=False)
 class _Device:
     spec: DeviceSpec
     bank: RegisterBank
-    row: int  # row in its kind's bank == index in the physics arrays of its kind
+    row: int  # row in its group's bank
+    phys: int  # index in the physics arrays of its kind
     limits: Mapping[str, tuple[float, float]]  # writable modelled points: allowed range
+    # register ref -> (physics keyword, conversion) for writes that reach the physics
+    controls: Mapping[str, tuple[str, Callable[[Any], Any]]]
     fault: Fault | None = None
+    trip_alarm: str | None = None
     frozen: npt.NDArray[np.uint16] | None = None
     pending: set[str] = field(default_factory=set)
 
@@ -168,6 +209,8 @@ def _physics_config(spec: SiteSpec) -> PhysicsConfig:
         return np.array([get(d) for d in devs], dtype=np.float64)
 
     return PhysicsConfig(
+        droop_pct=spec.frequency_response.droop_pct,
+        droop_deadband_hz=spec.frequency_response.deadband_hz,
         irradiance=Profile.from_points(spec.profiles.irradiance),
         load=Profile.from_points(spec.profiles.load),
         pv=PvParams(
@@ -307,15 +350,66 @@ def _init_meter(bank: RegisterBank, row: int, spec: DeviceSpec, site: SiteSpec) 
     _set_raws(bank, row, 203, {"Evt": 0})
 
 
+def _init_pv_7xx(bank: RegisterBank, row: int, spec: DeviceSpec, site: SiteSpec) -> None:
+    rating = float(spec.rating_w or 0.0)
+    w_sf = _w_sf(spec, rating)
+    v_nom = site.grid.nominal_v
+    var_rtg = 0.44 * rating  # IEEE 1547 Cat B reactive capability
+    _set_common(bank, row, spec)
+    # 701 DERMeasureAC
+    _set_raws(bank, row, 701, {"A_SF": -1, "V_SF": -1, "Hz_SF": -3, "W_SF": w_sf, "PF_SF": -2})
+    _set_raws(bank, row, 701, {"VA_SF": w_sf, "Var_SF": w_sf, "TotWh_SF": 0, "Tmp_SF": -1})
+    _set_raws(bank, row, 701, {"ACType": 2, "DERMode": 0b1})  # THREE_PHASE, GRID_FOLLOWING
+    # 702 DERCapacity: ratings and settings
+    _set_raws(bank, row, 702, {"W_SF": w_sf, "PF_SF": -2, "VA_SF": w_sf, "Var_SF": w_sf})
+    _set_raws(bank, row, 702, {"V_SF": -1, "A_SF": -1})
+    _set_values(bank, row, 702, {"WMaxRtg": rating, "VAMaxRtg": rating, "VAMax": rating})
+    _set_values(bank, row, 702, {"VarMaxInjRtg": var_rtg, "VarMaxAbsRtg": var_rtg})
+    _set_values(bank, row, 702, {"VarMaxInj": var_rtg, "VarMaxAbs": var_rtg})
+    _set_values(bank, row, 702, {"VNomRtg": v_nom, "VMaxRtg": 1.1 * v_nom, "VMinRtg": 0.88 * v_nom})
+    _set_values(bank, row, 702, {"VNom": v_nom, "VMax": 1.1 * v_nom, "VMin": 0.88 * v_nom})
+    _set_values(bank, row, 702, {"AMaxRtg": rating / 3 / v_nom, "AMax": rating / 3 / v_nom})
+    _set_values(bank, row, 702, {"PFOvrExtRtg": 0.8, "PFUndExtRtg": 0.8})
+    _set_values(bank, row, 702, {"PFOvrExt": 0.8, "PFUndExt": 0.8})
+    _set_raws(bank, row, 702, {"NorOpCatRtg": 1, "AbnOpCatRtg": 1})  # CAT_B, CAT_2
+    _set_raws(bank, row, 702, {"CtrlModes": (1 << 0) | (1 << 5)})  # MAX_W, FREQ_WATT
+    _set_raws(bank, row, 702, {"IntIslandCatRtg": 0b1, "IntIslandCat": 0b1})  # UNCATEGORIZED
+    # 704 DERCtlAC: the functions the simulator does not model are served disabled.
+    _set_raws(bank, row, 704, {"PF_SF": -3, "WMaxLimPct_SF": spec.pct_sf, "WSet_SF": w_sf})
+    _set_raws(bank, row, 704, {"WSetPct_SF": -1, "VarSet_SF": w_sf, "VarSetPct_SF": -1})
+    for fn in ("PFWInj", "PFWAbs"):
+        _set_raws(bank, row, 704, {f"{fn}Ena": 0, f"{fn}EnaRvrt": 0})
+        _set_raws(bank, row, 704, {f"{fn}RvrtTms": 0, f"{fn}RvrtRem": 0})
+        for group in (fn, f"{fn}Rvrt"):
+            _set_values(bank, row, 704, {f"{group}.PF": 1.0})
+            _set_raws(bank, row, 704, {f"{group}.Ext": 0})
+    _set_raws(bank, row, 704, {"WSetEna": 0, "WSetMod": 0, "WSet": 0, "WSetRvrt": 0})
+    _set_raws(bank, row, 704, {"WSetPct": 0, "WSetPctRvrt": 0, "WSetEnaRvrt": 0})
+    _set_raws(bank, row, 704, {"WSetRvrtTms": 0, "WSetRvrtRem": 0})
+    _set_raws(bank, row, 704, {"VarSetEna": 0, "VarSetMod": 0, "VarSetPri": 0, "VarSet": 0})
+    _set_raws(bank, row, 704, {"VarSetRvrt": 0, "VarSetPct": 0, "VarSetPctRvrt": 0})
+    _set_raws(bank, row, 704, {"VarSetEnaRvrt": 0, "VarSetRvrtTms": 0, "VarSetRvrtRem": 0})
+    _set_raws(bank, row, 704, {"WRmpRef": 1, "AntiIslEna": 1})  # W_MAX, ENABLED
+
+
 _INITIALISERS: Mapping[str, Callable[[RegisterBank, int, DeviceSpec, SiteSpec], None]] = {
     "pv": _init_pv,
     "battery": _init_battery,
     "meter": _init_meter,
+    "pv-7xx": _init_pv_7xx,
 }
 
 
 def _write_limits(spec: DeviceSpec) -> dict[str, tuple[float, float]]:
     """Allowed ranges (engineering units) of the writable points that the physics uses."""
+    if spec.kind == "pv" and spec.family == "7xx":
+        return {
+            "704.WMaxLimPct": (0.0, 100.0),
+            "704.WMaxLimPctRvrt": (0.0, 100.0),
+            "704.WMaxLimPctRvrtTms": (0.0, float(0xFFFFFFFE)),
+            "704.WRmp": (0.0, 1000.0),
+            "702.WMax": (0.0, float(spec.rating_w or 0.0)),
+        }
     if spec.kind == "pv":
         timer = (0.0, 65534.0)
         return {
@@ -347,6 +441,15 @@ _PV_CONTROLS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "121.WMax": ("wmax_w", float),
     "121.WGra": ("wgra_pct_per_s", float),
 }
+_PV_7XX_CONTROLS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
+    "704.WMaxLimPctEna": ("wmaxlim_ena", lambda v: v == 1),
+    "704.WMaxLimPct": ("wmaxlim_pct", float),
+    "704.WMaxLimPctRvrt": ("wmaxlim_pct_rvrt", float),
+    "704.WMaxLimPctEnaRvrt": ("wmaxlim_ena_rvrt", lambda v: v == 1),
+    "704.WMaxLimPctRvrtTms": ("wmaxlim_rvrt_s", float),
+    "702.WMax": ("wmax_w", float),
+    "704.WRmp": ("wgra_pct_per_s", float),
+}
 _BATTERY_CONTROLS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "124.StorCtl_Mod": ("stor_ctl_mod", int),
     "124.OutWRte": ("out_w_rte_pct", float),
@@ -354,12 +457,18 @@ _BATTERY_CONTROLS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "124.InOutWRte_RvrtTms": ("rvrt_s", float),
     "124.WChaMax": ("w_cha_max_w", float),
 }
+_CONTROLS: Mapping[str, Mapping[str, tuple[str, Callable[[Any], Any]]]] = {
+    "pv": _PV_CONTROLS,
+    "pv-7xx": _PV_7XX_CONTROLS,
+    "battery": _BATTERY_CONTROLS,
+    "meter": {},
+}
 
 
 def _check_write(dev: _Device, pdef: PointDef, regs: npt.NDArray[np.uint16]) -> str | None:
     """Why a candidate register row is not acceptable for `pdef`, or None if it is."""
     ref = pdef.ref
-    modelled = ref in _PV_CONTROLS or ref in _BATTERY_CONTROLS or ref in dev.limits
+    modelled = ref in dev.controls or ref in dev.limits
     raw = dev.bank.get_raw(dev.row, ref, regs)
     if raw is None:
         return f"{ref}: the not-implemented value cannot be written" if modelled else None
@@ -375,6 +484,15 @@ def _check_write(dev: _Device, pdef: PointDef, regs: npt.NDArray[np.uint16]) -> 
         if not isinstance(value, int | float) or not lo <= value <= hi:
             return f"{ref}: {value} outside [{lo}, {hi}]"
     return None
+
+
+@contextlib.contextmanager
+def _as_simulator_error() -> Iterator[None]:
+    """Physics refusals (a NaN, a negative load) as SimulatorError, like every other misuse."""
+    try:
+        yield
+    except PhysicsConfigError as exc:
+        raise SimulatorError(str(exc)) from exc
 
 
 def _decoded(dev: _Device, ref: str, applies: bool) -> Any:
@@ -394,18 +512,39 @@ class SiteSimulator:
         self.dt = 1.0 / spec.physics_hz
         self.physics = SitePhysics(_physics_config(spec), seed=self.seed)
         self.endpoints: dict[str, Endpoint] = {}
+        # Banks and device lists by group (MODELS key); `phys` indexes the physics arrays of the
+        # device's kind, in site-file order, whatever its group.
         self._banks: dict[str, RegisterBank] = {}
         self._devices: dict[str, _Device] = {}
-        self._by_kind: dict[str, list[_Device]] = {"pv": [], "battery": [], "meter": []}
-        for kind in MODELS:
-            specs = [d for d in spec.devices if d.kind == kind]
-            bank = RegisterBank(build_layout(MODELS[kind]), len(specs))
-            self._banks[kind] = bank
+        self._by_group: dict[str, list[_Device]] = {group: [] for group in MODELS}
+        self._phys_idx: dict[str, npt.NDArray[np.intp]] = {}
+        phys_of = {
+            d.id: i
+            for kind in ("pv", "battery")
+            for i, d in enumerate(d for d in spec.devices if d.kind == kind)
+        }
+        for group in MODELS:
+            specs = [d for d in spec.devices if device_group(d) == group]
+            bank = RegisterBank(build_layout(MODELS[group]), len(specs))
+            self._banks[group] = bank
             for row, dspec in enumerate(specs):
-                _INITIALISERS[kind](bank, row, dspec, spec)
-                dev = _Device(spec=dspec, bank=bank, row=row, limits=_write_limits(dspec))
+                _INITIALISERS[group](bank, row, dspec, spec)
+                dev = _Device(
+                    spec=dspec,
+                    bank=bank,
+                    row=row,
+                    phys=phys_of.get(dspec.id, 0),
+                    limits=_write_limits(dspec),
+                    controls=_CONTROLS[group],
+                )
                 self._devices[dspec.id] = dev
-                self._by_kind[kind].append(dev)
+                self._by_group[group].append(dev)
+            self._phys_idx[group] = np.array([d.phys for d in self._by_group[group]], dtype=np.intp)
+        # Per group and row: the Evt1 / Alrm bit a tripped device reports (set_device_fault).
+        self._alarm_bits = {group: np.zeros(len(devs)) for group, devs in self._by_group.items()}
+        for dev in self._by_group["pv-7xx"]:
+            # 704 reversion values until a client writes its own: back to DISABLED (100 %).
+            self.physics.set_pv_controls(dev.phys, wmaxlim_pct_rvrt=100.0, wmaxlim_ena_rvrt=False)
         self._controls_encoded = -1  # physics.controls_version last mirrored into registers
         self._encode()
         self._servers: list[ModbusTcpServer] = []
@@ -519,22 +658,22 @@ class SiteSimulator:
         self._encode()
 
     def _apply_pending(self) -> None:
-        for kind, controls, apply in (
-            ("pv", _PV_CONTROLS, self.physics.set_pv_controls),
-            ("battery", _BATTERY_CONTROLS, self.physics.set_battery_controls),
-        ):
-            for dev in self._by_kind[kind]:
-                if not dev.pending:
-                    continue
-                kwargs = {}
-                for ref in sorted(dev.pending & controls.keys()):
-                    name, convert = controls[ref]
-                    value = dev.bank.get_value(dev.row, ref)
-                    if value is not None:
-                        kwargs[name] = convert(value)
-                dev.pending.clear()
-                if kwargs:
-                    apply(dev.row, **kwargs)
+        appliers: Mapping[str, Callable[..., None]] = {
+            "pv": self.physics.set_pv_controls,
+            "battery": self.physics.set_battery_controls,
+        }
+        for dev in self._devices.values():
+            if not dev.pending:
+                continue
+            kwargs = {}
+            for ref in sorted(dev.pending & dev.controls.keys()):
+                name, convert = dev.controls[ref]
+                value = dev.bank.get_value(dev.row, ref)
+                if value is not None:
+                    kwargs[name] = convert(value)
+            dev.pending.clear()
+            if kwargs:
+                appliers[dev.spec.kind](dev.phys, **kwargs)
 
     # --- encoding physics -> registers ----------------------------------------------------------
 
@@ -544,11 +683,13 @@ class SiteSimulator:
         # step; controls only on a write or a revert.
         controls = ph.controls_version != self._controls_encoded
         self._controls_encoded = ph.controls_version
-        if ph.n_pv:
-            self._encode_pv(self._banks["pv"], controls)
+        if self._by_group["pv"]:
+            self._encode_pv(self._banks["pv"], self._phys_idx["pv"], controls)
+        if self._by_group["pv-7xx"]:
+            self._encode_pv_7xx(self._banks["pv-7xx"], self._phys_idx["pv-7xx"], controls)
         if ph.n_bat:
             self._encode_battery(self._banks["battery"], controls)
-        if self._by_kind["meter"]:
+        if self._by_group["meter"]:
             self._encode_meter(self._banks["meter"])
 
     def _encode_103(
@@ -582,33 +723,102 @@ class SiteSimulator:
         bank.set_column("103.DCA", np.abs(dc_w) / dc_v)
         bank.set_column("103.TmpCab", 30.0 + 15.0 * np.abs(ac_w) / rating_w)
 
-    def _encode_pv(self, bank: RegisterBank, controls: bool) -> None:
+    def _pv_st(self, idx: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
+        """103 St of the PV inverters `idx` (701 InvSt = this - 1)."""
         ph = self.physics
-        rating = ph.config.pv.rating_w
-        ac = ph.pv_ac_w
-        dc_w = ac / 0.97  # inverter efficiency, for a plausible DC side only
-        self._encode_103(bank, ac, dc_w, np.full(ph.n_pv, DC_BUS_V), ph.pv_energy_wh, rating)
+        available, limit = ph.pv_available_w[idx], ph.pv_limit_w[idx]
         st = np.where(
-            ~ph.pv_conn,
+            ~ph.pv_conn[idx],
             ST_OFF,
             np.where(
-                ph.pv_available_w < 1.0,
+                available < 1.0,
                 ST_SLEEPING,
-                np.where(ph.pv_limit_w < ph.pv_available_w - 1.0, ST_THROTTLED, ST_MPPT),
+                np.where(
+                    (limit < available - 1.0) | (ph.pv_droop_w[idx] < -1.0), ST_THROTTLED, ST_MPPT
+                ),
             ),
         )
-        bank.set_column("103.St", st, scaled=False)
+        return np.where(ph.pv_tripped[idx], ST_FAULT, st).astype(np.int64)
+
+    def _trip_bits(self, group: str, tripped: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+        """The Evt1 / Alrm column: each tripped device's alarm bit, 0 for the others."""
+        return np.where(tripped, self._alarm_bits[group], 0.0)
+
+    def _encode_pv(self, bank: RegisterBank, idx: npt.NDArray[np.intp], controls: bool) -> None:
+        ph = self.physics
+        rating = ph.config.pv.rating_w[idx]
+        ac = ph.pv_ac_w[idx]
+        dc_w = ac / 0.97  # inverter efficiency, for a plausible DC side only
+        self._encode_103(bank, ac, dc_w, np.full(len(idx), DC_BUS_V), ph.pv_energy_wh[idx], rating)
+        bank.set_column("103.St", self._pv_st(idx), scaled=False)
+        bank.set_column("103.Evt1", self._trip_bits("pv", ph.pv_tripped[idx]), scaled=False)
         if not controls:
             return
         # Controls and settings mirror the physics, so device-side reverts show in the registers.
-        bank.set_column("121.WMax", ph.pv_wmax_w)
-        bank.set_column("121.WGra", ph.pv_wgra_pct_per_s)
-        bank.set_column("123.Conn", ph.pv_conn.astype(np.float64), scaled=False)
-        bank.set_column("123.Conn_RvrtTms", ph.pv_conn_rvrt_s, scaled=False)
-        bank.set_column("123.WMaxLimPct", ph.pv_wmaxlim_pct)
-        bank.set_column("123.WMaxLimPct_RvrtTms", ph.pv_wmaxlim_rvrt_s, scaled=False)
-        bank.set_column("123.WMaxLimPct_RmpTms", ph.pv_wmaxlim_rmp_s, scaled=False)
-        bank.set_column("123.WMaxLim_Ena", ph.pv_wmaxlim_ena.astype(np.float64), scaled=False)
+        bank.set_column("121.WMax", ph.pv_wmax_w[idx])
+        bank.set_column("121.WGra", ph.pv_wgra_pct_per_s[idx])
+        bank.set_column("123.Conn", ph.pv_conn[idx].astype(np.float64), scaled=False)
+        bank.set_column("123.Conn_RvrtTms", ph.pv_conn_rvrt_s[idx], scaled=False)
+        bank.set_column("123.WMaxLimPct", ph.pv_wmaxlim_pct[idx])
+        bank.set_column("123.WMaxLimPct_RvrtTms", ph.pv_wmaxlim_rvrt_s[idx], scaled=False)
+        bank.set_column("123.WMaxLimPct_RmpTms", ph.pv_wmaxlim_rmp_s[idx], scaled=False)
+        bank.set_column("123.WMaxLim_Ena", ph.pv_wmaxlim_ena[idx].astype(np.float64), scaled=False)
+
+    def _encode_pv_7xx(self, bank: RegisterBank, idx: npt.NDArray[np.intp], controls: bool) -> None:
+        ph = self.physics
+        n = len(idx)
+        rating = ph.config.pv.rating_w[idx]
+        ac = ph.pv_ac_w[idx]
+        v = ph.grid_v
+        tripped = ph.pv_tripped[idx]
+        connected = ph.pv_conn[idx] & ~tripped
+        col = lambda x: np.full(n, float(x))  # noqa: E731 - a tiny local broadcaster
+        # 701 DERMeasureAC
+        st = self._pv_st(idx)
+        bank.set_column("701.InvSt", st - 1, scaled=False)
+        bank.set_column("701.St", connected.astype(np.float64), scaled=False)  # OFF / ON
+        bank.set_column("701.ConnSt", connected.astype(np.float64), scaled=False)
+        bank.set_column("701.Alrm", self._trip_bits("pv-7xx", tripped), scaled=False)
+        limited = (ph.pv_limit_w[idx] < ph.pv_available_w[idx] - 1.0) & connected
+        droop = np.abs(ph.pv_droop_w[idx]) > 1.0
+        throt_src = np.where(limited & ~droop, 1 << 0, 0) | np.where(droop, 1 << 5, 0)
+        bank.set_column("701.ThrotSrc", throt_src.astype(np.float64), scaled=False)  # MAX_W, FW
+        phase_w = ac / 3.0
+        phase_a = np.abs(ac)[:, None] / 3.0 / v[None, :]
+        bank.set_column("701.W", ac)
+        bank.set_column("701.VA", np.abs(ac))
+        bank.set_column("701.Var", np.zeros(n))
+        bank.set_column("701.PF", col(1.0))
+        bank.set_column("701.A", phase_a.sum(axis=1))
+        bank.set_column("701.LLV", col(v.mean() * _SQRT3))
+        bank.set_column("701.LNV", col(v.mean()))
+        bank.set_column("701.Hz", col(ph.grid_hz))
+        bank.set_column("701.TotWhInj", ph.pv_energy_wh[idx] + ENERGY_START_WH)
+        bank.set_column("701.TotWhAbs", np.zeros(n))
+        bank.set_column("701.TmpCab", 30.0 + 15.0 * np.abs(ac) / rating)
+        for k, line in enumerate(("L1", "L2", "L3")):
+            bank.set_column(f"701.W{line}", phase_w)
+            bank.set_column(f"701.VA{line}", np.abs(phase_w))
+            bank.set_column(f"701.Var{line}", np.zeros(n))
+            bank.set_column(f"701.PF{line}", col(1.0))
+            bank.set_column(f"701.A{line}", phase_a[:, k])
+            bank.set_column(f"701.V{line}", col(v[k]))
+        for k, pair in enumerate(("VL1L2", "VL2L3", "VL3L1")):
+            bank.set_column(f"701.{pair}", col((v[k] + v[(k + 1) % 3]) / 2 * _SQRT3))
+        # The reversion countdown runs every step.
+        remaining = np.ceil(ph.pv_wmaxlim_rvrt_rem_s()[idx])
+        bank.set_column("704.WMaxLimPctRvrtRem", remaining, scaled=False)
+        if not controls:
+            return
+        bank.set_column("702.WMax", ph.pv_wmax_w[idx])
+        bank.set_column("704.WRmp", ph.pv_wgra_pct_per_s[idx], scaled=False)
+        ena = ph.pv_wmaxlim_ena[idx].astype(np.float64)
+        bank.set_column("704.WMaxLimPctEna", ena, scaled=False)
+        bank.set_column("704.WMaxLimPct", ph.pv_wmaxlim_pct[idx])
+        bank.set_column("704.WMaxLimPctRvrt", ph.pv_wmaxlim_pct_rvrt[idx])
+        ena_rvrt = ph.pv_wmaxlim_ena_rvrt[idx].astype(np.float64)
+        bank.set_column("704.WMaxLimPctEnaRvrt", ena_rvrt, scaled=False)
+        bank.set_column("704.WMaxLimPctRvrtTms", ph.pv_wmaxlim_rvrt_s[idx], scaled=False)
 
     def _encode_battery(self, bank: RegisterBank, controls: bool) -> None:
         ph = self.physics
@@ -620,7 +830,9 @@ class SiteSimulator:
         dc_v = BATTERY_NOMINAL_V * (0.9 + 0.002 * soc)  # rises with SoC, ~360-400 V
         energy = ph.bat_discharged_wh
         self._encode_103(bank, ac, dc_w, dc_v, energy, cfg.rating_w)
-        bank.set_column("103.St", np.where(np.abs(ac) > 1.0, ST_MPPT, ST_STANDBY), scaled=False)
+        st = np.where(np.abs(ac) > 1.0, ST_MPPT, ST_STANDBY)
+        bank.set_column("103.St", np.where(ph.bat_tripped, ST_FAULT, st), scaled=False)
+        bank.set_column("103.Evt1", self._trip_bits("battery", ph.bat_tripped), scaled=False)
         cha_st = np.where(
             soc >= cfg.soc_max_pct - 0.05,
             CHA_FULL,
@@ -681,7 +893,7 @@ class SiteSimulator:
         bank.set_column("203.PF", col(100.0 * w / va if va else 100.0))
         bank.set_column("203.TotWhImp", col(ph.meter_import_wh + ENERGY_START_WH))
         bank.set_column("203.TotWhExp", col(ph.meter_export_wh + ENERGY_START_WH))
-        for dev in self._by_kind["meter"]:
+        for dev in self._by_group["meter"]:
             if dev.fault is Fault.NAN_METER:
                 self._blank_meter_w(dev)
 
@@ -774,32 +986,95 @@ class SiteSimulator:
         elif dev.spec.kind == "meter":
             self._encode_meter(dev.bank)
 
+    # --- injected conditions (effective at the next physics step) --------------------------------
+
+    def set_grid_frequency(self, hz: float | None) -> None:
+        """Hold the grid at `hz` (None = nominal with noise); the meter and inverters serve it.
+
+        Outside the droop deadband every inverter responds (see `hil.physics`), so the site's
+        export may legitimately differ from what a controller commanded.
+        """
+        with _as_simulator_error():
+            self.physics.set_grid_frequency(hz)
+
+    def set_irradiance_override(self, w_m2: float | None) -> None:
+        """Replace the irradiance profile with `w_m2` (a PV step); None = back to the profile."""
+        with _as_simulator_error():
+            self.physics.set_irradiance_override(w_m2)
+
+    def set_load_override(self, w: float | None) -> None:
+        """Replace the site-load profile with `w` (a load step); None = back to the profile."""
+        with _as_simulator_error():
+            self.physics.set_load_override(w)
+
+    def set_soc(self, device_id: str, soc_pct: float) -> None:
+        """Jump a battery's state of charge (0-100 %); its BMS limits follow at once."""
+        dev = self._device(device_id)
+        if dev.spec.kind != "battery":
+            raise SimulatorError(f"set_soc applies to batteries; {device_id!r} is {dev.spec.kind}")
+        with _as_simulator_error():
+            self.physics.set_battery_soc(dev.phys, soc_pct)
+
+    def set_device_fault(
+        self, device_id: str, fault: bool, *, alarm: str = DEFAULT_TRIP_ALARM
+    ) -> None:
+        """Trip an inverter (`fault=True`) or clear the trip; not a communication `Fault`.
+
+        Tripped, it produces nothing and serves St = FAULT (103; 701 InvSt = FAULT) with the
+        `alarm` bit set in 103 Evt1 / 701 Alrm (a symbol name from the model JSON, e.g.
+        "GROUND_FAULT", "OVER_TEMP"). Cleared, the bit goes, St returns to MPPT and the output
+        ramps up from 0 at WGra.
+        """
+        dev = self._device(device_id)
+        if dev.spec.kind == "meter":
+            raise SimulatorError(f"{device_id!r} is a meter: only inverters trip")
+        group = device_group(dev.spec)
+        ref = "701.Alrm" if dev.spec.family == "7xx" else "103.Evt1"
+        symbols = dev.bank.layout.point(ref)[0].symbols
+        if alarm not in symbols:
+            raise SimulatorError(f"unknown {ref} alarm {alarm!r}; choose one of {sorted(symbols)}")
+        dev.trip_alarm = alarm if fault else None
+        self._alarm_bits[group][dev.row] = float(1 << symbols[alarm]) if fault else 0.0
+        if dev.spec.kind == "pv":
+            self.physics.set_pv_trip(dev.phys, fault)
+        else:
+            self.physics.set_battery_trip(dev.phys, fault)
+
     def state(self) -> SiteState:
-        """Snapshot of physics truth and decoded control registers."""
+        """Snapshot of physics truth, injected conditions and decoded control registers."""
         ph = self.physics
+        rem = ph.pv_wmaxlim_rvrt_rem_s()
         devices: dict[str, DeviceState] = {}
         for dev in self._devices.values():
-            kind, i = dev.spec.kind, dev.row
+            kind, i = dev.spec.kind, dev.phys
             pv, bat = kind == "pv", kind == "battery"
+            pv7 = pv and dev.spec.family == "7xx"
             if pv:
-                ac_w = float(ph.pv_ac_w[i])
+                ac_w, droop_w, tripped = ph.pv_ac_w[i], ph.pv_droop_w[i], ph.pv_tripped[i]
             elif bat:
-                ac_w = float(ph.bat_ac_w[i])
+                ac_w, droop_w, tripped = ph.bat_ac_w[i], ph.bat_droop_w[i], ph.bat_tripped[i]
             else:
-                ac_w = float(ph.meter_w)
+                ac_w, droop_w, tripped = ph.meter_w, 0.0, False
             devices[dev.spec.id] = DeviceState(
                 id=dev.spec.id,
                 kind=kind,
-                ac_w=ac_w,
+                ac_w=float(ac_w),
                 available_w=float(ph.pv_available_w[i]) if pv else None,
                 soc_pct=float(ph.bat_soc_pct[i]) if bat else None,
-                wmaxlim_pct=_decoded(dev, "123.WMaxLimPct", pv),
-                wmaxlim_ena=_decoded(dev, "123.WMaxLim_Ena", pv),
-                conn=_decoded(dev, "123.Conn", pv),
+                wmaxlim_pct=_decoded(dev, "704.WMaxLimPct" if pv7 else "123.WMaxLimPct", pv),
+                wmaxlim_ena=_decoded(dev, "704.WMaxLimPctEna" if pv7 else "123.WMaxLim_Ena", pv),
+                conn=_decoded(dev, "701.ConnSt" if pv7 else "123.Conn", pv),
                 stor_ctl_mod=_decoded(dev, "124.StorCtl_Mod", bat),
                 in_w_rte=_decoded(dev, "124.InWRte", bat),
                 out_w_rte=_decoded(dev, "124.OutWRte", bat),
                 fault=dev.fault,
+                family=dev.spec.family,
+                tripped=bool(tripped),
+                trip_alarm=dev.trip_alarm if tripped else None,
+                droop_w=float(droop_w),
+                wmaxlim_pct_rvrt=_decoded(dev, "704.WMaxLimPctRvrt", pv7),
+                wmaxlim_ena_rvrt=_decoded(dev, "704.WMaxLimPctEnaRvrt", pv7),
+                wmaxlim_rvrt_rem_s=float(rem[i]) if pv else None,
             )
         return SiteState(
             t_s=ph.t_s,
@@ -810,6 +1085,10 @@ class SiteSimulator:
             battery_w=float(ph.bat_ac_w.sum()),
             grid_hz=float(ph.grid_hz),
             devices=MappingProxyType(devices),
+            irradiance_w_m2=float(ph.irradiance_w_m2),
+            irradiance_override=ph.irradiance_override,
+            load_override=ph.load_override,
+            grid_hz_override=ph.grid_hz_override,
         )
 
     def manifest(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Site files for the simulator: the TOML schema, its validation, and loading.
 
 Owns the shape of `hil/sites/*.toml`. A site is a name, a seed, a physics rate, the address the
-Modbus servers listen on, two looping profiles (irradiance in W/m², site load in W) and a list of
-devices (PV inverters, batteries, one PCC meter). Validation is strict (`extra="forbid"`) and
+Modbus servers listen on, the grid and the inverters' frequency response, two looping profiles
+(irradiance in W/m², site load in W) and a list of devices (PV inverters on the 1xx or 7xx
+SunSpec models, batteries, one PCC meter). Validation is strict (`extra="forbid"`) and
 every error names the offending key, so a typo in a site file fails loudly instead of silently
 simulating something else.
 
@@ -24,6 +25,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DeviceKind = Literal["pv", "battery", "meter"]
+# Which SunSpec models a device serves: "1xx" = 1/103/120/121/123 (PV), 1/103/120/124/802
+# (battery); "7xx" = the IEEE 1547-2018 models 1/701/702/704 (PV only).
+ModelFamily = Literal["1xx", "7xx"]
 
 # SunSpec common model (1) stores the serial number (= device id) in a 16-register string.
 _MAX_ID_CHARS = 32
@@ -75,11 +79,19 @@ class GridSpec(_Strict):
     hz_noise: float = Field(default=0.01, ge=0, le=1)
 
 
+class FrequencyResponseSpec(_Strict):
+    """IEEE 1547-2018 frequency droop of every inverter (protocols.md §3.3): 0 % = none."""
+
+    droop_pct: float = Field(default=5.0, ge=0, le=100)
+    deadband_hz: float = Field(default=0.036, ge=0, le=5)
+
+
 class DeviceSpec(_Strict):
     """One simulated SunSpec device."""
 
     id: str
     kind: DeviceKind
+    family: ModelFamily = "1xx"
     unit_id: int = Field(ge=1, le=247)
     port: int | None = Field(default=None, ge=0, le=65535)
     base_address: Literal[0, 40000, 50000] = 40000
@@ -126,6 +138,11 @@ class DeviceSpec(_Strict):
             ]
             if extra:
                 raise ValueError(f"device {self.id!r}: {', '.join(extra)} only apply to batteries")
+        if self.family == "7xx" and self.kind != "pv":
+            raise ValueError(
+                f"device {self.id!r}: family '7xx' (models 701/702/704) is simulated for PV "
+                "inverters only; use family '1xx' for batteries and meters"
+            )
         if self.kind == "meter":
             if self.role != "pcc":
                 raise ValueError(
@@ -157,6 +174,7 @@ class SiteSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=5020, ge=0, le=65535)
     grid: GridSpec = Field(default_factory=GridSpec)
+    frequency_response: FrequencyResponseSpec = Field(default_factory=FrequencyResponseSpec)
     profiles: ProfilesSpec = Field(default_factory=ProfilesSpec)
     devices: list[DeviceSpec] = Field(min_length=1)
 

@@ -2,8 +2,9 @@
 
 Owns:
 - reading `sunspec2/models/json/model_<id>.json` (the only source of register layouts here: no
-  hand-typed tables) and laying out a model's top-level group: a point's offset is the sum of
-  the sizes of the points before it, `L` = total size - 2;
+  hand-typed tables) and laying out a model's top-level group, then its fixed (non-repeating)
+  nested groups as "<group>.<point>" (704's PF groups): a point's offset is the sum of the sizes
+  of the points before it, `L` = total size - 2;
 - the codec between raw register words and values for the SunSpec types, including the
   "not implemented" sentinels (protocols.md §2.1), which are served for every point that the
   simulator does not drive;
@@ -21,10 +22,11 @@ import json
 import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -115,33 +117,45 @@ def _json_text(model_id: int) -> str:
         ) from exc
 
 
+def _group_points(model_id: int, group: Mapping[str, object]) -> list[tuple[str, dict]]:
+    """(name, raw point) of the top-level points, then of each fixed nested group, prefixed.
+
+    A fixed group (no `count`, e.g. 704's `PFWInj`) is one instance laid out after the points
+    before it, its points named "<group>.<point>" as pysunspec2 reaches them. Repeating groups
+    (a `count`) change L with the device's counts, which a fixed image cannot serve.
+    """
+    raw_points = cast("list[dict]", group.get("points", []))
+    out: list[tuple[str, dict]] = [(str(raw["name"]), raw) for raw in raw_points]
+    for sub in cast("list[dict]", group.get("groups", [])):
+        if sub.get("count") is not None or sub.get("groups"):
+            raise SunSpecModelError(
+                f"model {model_id} ({group['name']}) has repeating or nested groups "
+                f"({sub['name']}); this image builder lays out fixed groups only"
+            )
+        out.extend((f"{sub['name']}.{raw['name']}", raw) for raw in sub.get("points", []))
+    return out
+
+
 @cache
 def load_model_def(model_id: int) -> ModelDef:
     """Lay out model `model_id` from pysunspec2's JSON (cached)."""
     doc = json.loads(_json_text(model_id))
     group = doc["group"]
-    if group.get("groups"):
-        raise SunSpecModelError(
-            f"model {model_id} ({group['name']}) has nested/repeating groups; this image builder "
-            "only lays out fixed top-level groups"
-        )
     points: dict[str, PointDef] = {}
     offset = 0
-    for raw in group["points"]:
+    for name, raw in _group_points(model_id, group):
         ptype = raw["type"]
         size = int(raw["size"])
         if ptype not in _SENTINEL_WORDS and ptype not in _VARIABLE_SIZE:
-            raise SunSpecModelError(
-                f"model {model_id} point {raw['name']}: unsupported type {ptype}"
-            )
+            raise SunSpecModelError(f"model {model_id} point {name}: unsupported type {ptype}")
         if ptype not in _VARIABLE_SIZE and size != len(_SENTINEL_WORDS[ptype]):
             raise SunSpecModelError(
-                f"model {model_id} point {raw['name']}: size {size} does not match type {ptype}"
+                f"model {model_id} point {name}: size {size} does not match type {ptype}"
             )
         sf = raw.get("sf")
-        points[raw["name"]] = PointDef(
+        points[name] = PointDef(
             model_id=model_id,
-            name=raw["name"],
+            name=name,
             type=ptype,
             size=size,
             offset=offset,
@@ -152,6 +166,11 @@ def load_model_def(model_id: int) -> ModelDef:
             static_value=raw.get("value") if isinstance(raw.get("value"), int) else None,
         )
         offset += size
+    for name, pdef in points.items():
+        prefix = name.rpartition(".")[0]
+        if prefix and isinstance(pdef.sf, str) and f"{prefix}.{pdef.sf}" in points:
+            # A point of a fixed group names an SF of its own group first, else of the model.
+            points[name] = replace(pdef, sf=f"{prefix}.{pdef.sf}")
     return ModelDef(model_id=model_id, name=group["name"], points=MappingProxyType(points))
 
 

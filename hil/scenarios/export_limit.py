@@ -162,11 +162,12 @@ async def run_export_limit(
             f"{reach:.1f} s" if reach is not None else "never",
         )
     )
-    defaults = {pv: bench.sim.read_point(pv, "123.WMaxLim_Ena") for pv in pv_ids}
+    # Read through the simulator's decoded state: 123 or 704, whichever the inverter serves.
+    defaults = {pv: bench.sim.state().devices[pv].wmaxlim_ena for pv in pv_ids}
     result.checks.append(
         Check(
             "after the event every PV inverter was written back to its default "
-            "(123.WMaxLim_Ena = DISABLED at the simulator)",
+            "(limit enable = DISABLED at the simulator's registers)",
             all(value == 0 for value in defaults.values()),
             ", ".join(f"{pv}: WMaxLim_Ena={value}" for pv, value in defaults.items()),
         )

@@ -49,6 +49,18 @@ QUIET_SITE: dict[str, Any] = {
 }
 
 
+# A 7xx PV inverter (1/701/702/704) to add to QUIET_SITE's devices.
+PV7: dict[str, Any] = {
+    "id": "pv7",
+    "kind": "pv",
+    "family": "7xx",
+    "unit_id": 7,
+    "rating_w": 6000,
+    "ramp_pct_per_s": 100,
+    "pct_sf": -2,
+}
+
+
 def site_spec(**overrides: Any) -> SiteSpec:
     """QUIET_SITE with top-level keys replaced."""
     data = copy.deepcopy(QUIET_SITE)

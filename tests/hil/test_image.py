@@ -7,6 +7,7 @@ the same bytes with its own code. Offsets, lengths and every decoded value must 
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,9 +28,19 @@ from hil.sunspec_image import (
     mandatory_refs,
 )
 
-from .conftest import site_spec
+from .conftest import PV7, QUIET_SITE, site_spec
 
 ALL_MODELS = sorted({mid for chain in MODELS.values() for mid in chain})
+# Device id of the first device of each group in the test site (conftest QUIET_SITE + pv7).
+GROUP_DEVICE = {"pv": "pv1", "battery": "bat1", "meter": "meter1", "pv-7xx": "pv7"}
+
+
+def _their_points(model: ss_device.Model) -> dict[str, Any]:
+    """pysunspec2's points of a model, with fixed groups flattened as "<group>.<point>"."""
+    points: dict[str, Any] = dict(model.points)
+    for gname, group in model.groups.items():
+        points.update({f"{gname}.{name}": point for name, point in group.points.items()})
+    return points
 
 
 @pytest.mark.parametrize("model_id", ALL_MODELS)
@@ -38,17 +49,36 @@ def test_layout_matches_pysunspec2(model_id: int) -> None:
     theirs = ss_device.Model(model_id=model_id)
     assert ours.length == theirs.len - 2
     assert [(p.name, p.offset, p.size) for p in ours.points.values()] == [
-        (name, point.offset, point.len) for name, point in theirs.points.items()
+        (name, point.offset, point.len) for name, point in _their_points(theirs).items()
     ]
 
 
 def test_model_lengths_are_the_published_ones() -> None:
     lengths = {mid: load_model_def(mid).length for mid in ALL_MODELS}
-    assert lengths == {1: 66, 103: 50, 120: 26, 121: 30, 123: 24, 124: 24, 203: 105, 802: 62}
+    assert lengths == {
+        1: 66,
+        103: 50,
+        120: 26,
+        121: 30,
+        123: 24,
+        124: 24,
+        203: 105,
+        701: 153,
+        702: 50,
+        704: 65,
+        802: 62,
+    }
+
+
+def test_fixed_groups_are_laid_out_after_the_top_level_points() -> None:
+    ctl = load_model_def(704)
+    assert [n for n in ctl.points if "." in n][:2] == ["PFWInj.PF", "PFWInj.Ext"]
+    pf = ctl.points["PFWInj.PF"]
+    assert (pf.offset, pf.sf, pf.writable) == (59, "PF_SF", True)
 
 
 def _sim_after_steps(steps: int = 10) -> SiteSimulator:
-    sim = SiteSimulator(site_spec(), seed=3)
+    sim = SiteSimulator(site_spec(devices=[*QUIET_SITE["devices"], PV7]), seed=3)
     for _ in range(steps):
         sim.step()
     return sim
@@ -60,17 +90,17 @@ def _model_bytes(bank: RegisterBank, row: int, model_id: int) -> bytes:
     return bank.regs[row, off : off + length].astype(">u2").tobytes()
 
 
-@pytest.mark.parametrize("kind", ["pv", "battery", "meter"])
+@pytest.mark.parametrize("kind", list(GROUP_DEVICE))
 def test_every_point_decodes_the_same_in_pysunspec2(kind: str) -> None:
     sim = _sim_after_steps()
-    device_id = {"pv": "pv1", "battery": "bat1", "meter": "meter1"}[kind]
+    device_id = GROUP_DEVICE[kind]
     bank = sim._banks[kind]
     for model_id in MODELS[kind]:
         mdef = load_model_def(model_id)
         theirs = ss_device.Model(
             model_id=model_id, model_len=mdef.length, data=_model_bytes(bank, 0, model_id)
         )
-        for name, point in theirs.points.items():
+        for name, point in _their_points(theirs).items():
             ours = sim.read_point(device_id, f"{model_id}.{name}")
             expected = point.cvalue
             if isinstance(expected, float) or isinstance(ours, float):
@@ -79,10 +109,10 @@ def test_every_point_decodes_the_same_in_pysunspec2(kind: str) -> None:
                 assert ours == expected, f"{model_id}.{name}"
 
 
-@pytest.mark.parametrize("kind", ["pv", "battery", "meter"])
+@pytest.mark.parametrize("kind", list(GROUP_DEVICE))
 def test_every_mandatory_point_is_implemented(kind: str) -> None:
     sim = _sim_after_steps()
-    device_id = {"pv": "pv1", "battery": "bat1", "meter": "meter1"}[kind]
+    device_id = GROUP_DEVICE[kind]
     layout = build_layout(MODELS[kind])
     missing = [ref for ref in mandatory_refs(layout) if sim.read_point(device_id, ref) is None]
     assert missing == []
@@ -112,7 +142,7 @@ def test_unimplemented_points_serve_sentinels(kind: str, ref: str, words: list[i
     assert sim.read_point(device_id, ref) is None
 
 
-@pytest.mark.parametrize("kind", ["pv", "battery", "meter"])
+@pytest.mark.parametrize("kind", list(GROUP_DEVICE))
 def test_map_structure_suns_chain_end(kind: str) -> None:
     layout = build_layout(MODELS[kind])
     regs = RegisterBank(layout, 1).regs[0]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -71,6 +74,16 @@ def scripted_run(seed: int) -> dict[str, object]:
             ph.set_battery_controls(0, stor_ctl_mod=STOR_DISCHARGE, out_w_rte_pct=60.0)
         if step == 120:
             ph.set_battery_controls(1, stor_ctl_mod=STOR_CHARGE, in_w_rte_pct=40.0)
+        if step == 150:
+            ph.set_grid_frequency(50.3)
+            ph.set_irradiance_override(600.0)
+        if step == 200:
+            ph.set_pv_trip(2, True)
+            ph.set_battery_soc(0, 20.0)
+        if step == 250:
+            ph.set_grid_frequency(None)
+            ph.set_load_override(8000.0)
+            ph.set_pv_trip(2, False)
         ph.step(DT)
     return ph.snapshot()
 
@@ -315,3 +328,185 @@ def test_site_step_with_register_encoding_for_100_devices_is_fast() -> None:
         sim.step()
     mean_ms = (time.perf_counter() - start) / n * 1000
     assert mean_ms < 5.0, f"physics + register encoding for 100 devices took {mean_ms:.3f} ms"
+
+
+# --- 704 reversion values -------------------------------------------------------------------
+
+
+def test_revert_timer_applies_the_reversion_values_once() -> None:
+    ph = make_physics()
+    ph.set_pv_controls(0, wmaxlim_pct_rvrt=100.0, wmaxlim_ena_rvrt=False)  # as a 704 device boots
+    ph.set_pv_controls(
+        0,
+        wmaxlim_pct=30.0,
+        wmaxlim_ena=True,
+        wmaxlim_rvrt_s=3.0,
+        wmaxlim_pct_rvrt=40.0,
+        wmaxlim_ena_rvrt=True,
+    )
+    run(ph, 2.0)
+    assert ph.pv_wmaxlim_rvrt_rem_s()[0] == pytest.approx(1.0)
+    assert ph.pv_ac_w[0] == pytest.approx(3000.0)
+    run(ph, 1.05)
+    # The timer fired: WMaxLimPct <- WMaxLimPctRvrt, WMaxLimPctEna <- WMaxLimPctEnaRvrt.
+    assert (ph.pv_wmaxlim_pct[0], bool(ph.pv_wmaxlim_ena[0])) == (40.0, True)
+    assert ph.pv_wmaxlim_rvrt_rem_s()[0] == 0.0
+    version = ph.controls_version
+    run(ph, 3.0)
+    assert ph.controls_version == version  # it fires once per write, not every step after
+    assert ph.pv_ac_w[0] == pytest.approx(4000.0)
+
+
+def test_reversion_to_disabled_releases_the_limit() -> None:
+    ph = make_physics()
+    ph.set_pv_controls(0, wmaxlim_pct_rvrt=100.0, wmaxlim_ena_rvrt=False)
+    ph.set_pv_controls(0, wmaxlim_pct=20.0, wmaxlim_ena=True, wmaxlim_rvrt_s=1.0)
+    run(ph, 1.05)
+    assert (ph.pv_wmaxlim_pct[0], bool(ph.pv_wmaxlim_ena[0])) == (100.0, False)
+    run(ph, 2.0)
+    assert ph.pv_ac_w[0] == pytest.approx(10_000.0)
+
+
+# --- injected conditions --------------------------------------------------------------------
+
+
+def test_irradiance_and_load_overrides_step_and_release() -> None:
+    ph = make_physics(irradiance=850.0, load=3000.0)
+    ph.set_irradiance_override(300.0)
+    ph.set_load_override(7000.0)
+    assert ph.pv_ac_w[0] == pytest.approx(8500.0)  # effective at the next step, not before
+    ph.step(DT)
+    assert ph.irradiance_w_m2 == 300.0
+    assert ph.pv_available_w[0] == pytest.approx(3000.0)
+    assert ph.pv_ac_w[0] == pytest.approx(3000.0)  # a drop in irradiance is not ramped
+    assert ph.load_w == pytest.approx(7000.0)
+    assert ph.meter_w == pytest.approx(4000.0)
+    ph.set_irradiance_override(None)
+    ph.set_load_override(None)
+    ph.step(DT)
+    assert (ph.pv_available_w[0], ph.load_w) == (pytest.approx(8500.0), pytest.approx(3000.0))
+    with pytest.raises(PhysicsConfigError, match="irradiance"):
+        ph.set_irradiance_override(-1.0)
+    with pytest.raises(PhysicsConfigError, match="load"):
+        ph.set_load_override(float("nan"))
+
+
+def test_grid_frequency_override_is_exact_and_releases_to_noisy_nominal() -> None:
+    ph = make_physics(noise=True)
+    ph.set_grid_frequency(49.8)
+    run(ph, 1.0)
+    assert ph.grid_hz == 49.8
+    ph.set_grid_frequency(None)
+    run(ph, 1.0)
+    assert ph.grid_hz != 50.0
+    assert ph.grid_hz == pytest.approx(50.0, abs=0.1)
+    with pytest.raises(PhysicsConfigError, match="frequency"):
+        ph.set_grid_frequency(0.0)
+
+
+def droop_w(hz: float, rating_w: float = 10_000.0) -> float:
+    """The expected 5 % droop response outside the 0.036 Hz deadband at 50 Hz nominal."""
+    beyond = abs(hz - 50.0) - 0.036
+    return 0.0 if beyond <= 0 else -math.copysign(rating_w * beyond / (50.0 * 0.05), hz - 50.0)
+
+
+def test_over_frequency_droop_lowers_pv_and_charges_an_idle_battery() -> None:
+    ph = make_physics(irradiance=850.0)
+    ph.set_grid_frequency(50.03)  # inside the deadband: no response
+    run(ph, 0.5)
+    assert ph.pv_ac_w[0] == pytest.approx(8500.0)
+    assert ph.pv_droop_w[0] == 0.0
+    ph.set_grid_frequency(50.5)
+    ph.step(DT)
+    expected = droop_w(50.5)  # -1856 W: 0.464 Hz beyond the band / (50 Hz x 5 %)
+    assert expected == pytest.approx(-1856.0)
+    assert ph.pv_droop_w[0] == pytest.approx(expected)
+    assert ph.pv_ac_w[0] == pytest.approx(8500.0 + expected)
+    assert ph.bat_droop_w[0] == pytest.approx(droop_w(50.5, 5000.0))
+    assert ph.bat_ac_w[0] == pytest.approx(droop_w(50.5, 5000.0))  # negative: charging
+    ph.set_grid_frequency(None)
+    ph.step(DT)
+    assert (ph.pv_droop_w[0], ph.bat_ac_w[0]) == (0.0, 0.0)
+    assert ph.pv_ac_w[0] == pytest.approx(8500.0)
+
+
+def test_under_frequency_droop_lifts_curtailed_pv_above_its_limit() -> None:
+    ph = make_physics(irradiance=850.0, n_bat=0)
+    ph.set_pv_controls(0, wmaxlim_pct=30.0, wmaxlim_ena=True)
+    run(ph, 3.0)
+    assert ph.pv_ac_w[0] == pytest.approx(3000.0)
+    ph.set_grid_frequency(49.7)
+    ph.step(DT)
+    assert ph.pv_ac_w[0] == pytest.approx(3000.0 + droop_w(49.7))  # +1056 W over the cap
+    ph.set_grid_frequency(45.0)  # a huge deviation: capped by what the sun gives
+    ph.step(DT)
+    assert ph.pv_ac_w[0] == pytest.approx(8500.0)
+
+
+def test_droop_can_be_switched_off() -> None:
+    ph = make_physics()
+    ph.config = replace(ph.config, droop_pct=0.0)
+    ph.set_grid_frequency(51.0)
+    run(ph, 0.5)
+    assert ph.pv_ac_w[0] == pytest.approx(10_000.0)
+
+
+def test_set_battery_soc_moves_the_bms_limits() -> None:
+    ph = make_physics(n_pv=0, soc=50.0)
+    ph.set_battery_soc(0, 6.0)
+    assert ph.bat_soc_pct[0] == 6.0
+    assert ph.bat_dis_lim_w[0] == pytest.approx(500.0)  # 1 % into a 10 % taper band
+    ph.set_battery_controls(0, stor_ctl_mod=STOR_DISCHARGE, out_w_rte_pct=100.0)
+    run(ph, 2.0)
+    assert ph.bat_ac_w[0] <= ph.bat_dis_lim_w[0] + 1e-9
+    ph.set_battery_soc(0, 150.0)
+    assert ph.bat_soc_pct[0] == 100.0
+    with pytest.raises(PhysicsConfigError, match="SoC"):
+        ph.set_battery_soc(0, float("nan"))
+
+
+def test_a_tripped_inverter_produces_nothing_then_ramps_back() -> None:
+    ph = make_physics(irradiance=850.0)
+    ph.set_battery_controls(0, stor_ctl_mod=STOR_DISCHARGE, out_w_rte_pct=60.0)
+    run(ph, 2.0)
+    assert (ph.pv_ac_w[0], ph.bat_ac_w[0]) == (pytest.approx(8500.0), pytest.approx(3000.0))
+    ph.set_pv_trip(0, True)
+    ph.set_battery_trip(0, True)
+    assert (ph.pv_ac_w[0], ph.bat_ac_w[0]) == (0.0, 0.0)  # at once
+    ph.set_grid_frequency(49.5)  # no droop response while tripped either
+    run(ph, 2.0)
+    assert (ph.pv_ac_w[0], ph.bat_ac_w[0]) == (0.0, 0.0)
+    assert ph.meter_w == pytest.approx(ph.load_w)
+    ph.set_grid_frequency(None)
+    ph.set_pv_trip(0, False)
+    ph.set_battery_trip(0, False)
+    ph.step(DT)
+    assert 0.0 < ph.pv_ac_w[0] <= 5000.0 * DT + 1e-9  # ramping at WGra (50 %/s) from 0
+    assert 0.0 < ph.bat_ac_w[0] <= 2500.0 * DT + 1e-9
+    run(ph, 3.0)
+    assert (ph.pv_ac_w[0], ph.bat_ac_w[0]) == (pytest.approx(8500.0), pytest.approx(3000.0))
+
+
+def test_default_frequency_noise_stays_inside_the_droop_deadband() -> None:
+    ph = make_physics(noise=True, n_bat=1)  # hz_noise 0.01 Hz, deadband 0.036 Hz
+    worst, droop = 0.0, 0.0
+    for _ in range(round(600 / DT)):  # ten simulated minutes
+        ph.step(DT)
+        worst = max(worst, abs(ph.grid_hz - 50.0))
+        droop = max(droop, float(np.abs(ph.pv_droop_w).max()), float(np.abs(ph.bat_droop_w).max()))
+    assert 0.01 < worst <= 0.03 + 1e-12
+    assert droop == 0.0
+
+
+def test_an_unlimited_ramp_stays_finite_at_zero_dt() -> None:
+    # Regression: WGra = 0 means "no ramp limit" (rate inf); the construction-time step has
+    # dt = 0 and inf * 0 made the PV output NaN.
+    config = make_physics().config
+    unlimited = dataclasses.replace(
+        config, pv=dataclasses.replace(config.pv, ramp_pct_per_s=np.zeros(1))
+    )
+    ph = SitePhysics(unlimited, seed=1)
+    assert np.isfinite(ph.pv_ac_w).all()
+    ph.step(0.1)
+    assert np.isfinite(ph.pv_ac_w).all()
+    assert np.isfinite(ph.meter_w)

@@ -56,9 +56,36 @@ def test_twelve_site_has_ten_varied_pv_one_battery_one_meter() -> None:
     assert {d.base_address for d in pv} == {0, 40000, 50000}
 
 
+def test_pv7xx_site_has_a_7xx_pv_a_battery_and_a_meter() -> None:
+    spec = load_site(SITES / "pv7xx.toml")
+    by_id = {d.id: d for d in spec.devices}
+    assert [d.kind for d in spec.devices] == ["pv", "battery", "meter"]
+    assert by_id["pv1"].family == "7xx"
+    assert by_id["bat1"].family == "1xx"  # the default
+    assert (spec.frequency_response.droop_pct, spec.frequency_response.deadband_hz) == (5.0, 0.036)
+    assert len({spec.port, *(d.port for d in spec.devices if d.port)}) == 1
+
+
+def test_every_shipped_site_loads_and_builds() -> None:
+    from hil.server import SiteSimulator
+
+    for path in sorted(SITES.glob("*.toml")):
+        sim = SiteSimulator(load_site(path))
+        sim.step()
+        assert set(sim.state().devices) == {d.id for d in sim.spec.devices}, path.name
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
+        (MINIMAL.replace("unit_id = 1", 'unit_id = 1\nfamily = "8xx"'), "devices.0.family"),
+        (
+            MINIMAL
+            + '[[devices]]\nid = "b"\nkind = "battery"\nfamily = "7xx"\nunit_id = 2\n'
+            + "rating_w = 1\ncapacity_wh = 1\n",
+            "PV inverters only",
+        ),
+        (MINIMAL + "[frequency_response]\ndroop_pct = -1\n", "frequency_response.droop_pct"),
         (MINIMAL.replace("rating_w", "ratng_w"), "devices.0.ratng_w"),
         (MINIMAL + "physics_hz = 5\n", "physics_hz"),
         (MINIMAL.replace("name", "nom"), "nom"),
