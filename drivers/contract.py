@@ -150,6 +150,9 @@ class Reading:
     quality: npt.NDArray[np.uint8]
     error: str | None = None  # the read failed (every point BAD_COMM)
     fault: str | None = None  # the device reports a fault or trip state (why), from this read
+    # The device reports an autonomous grid-support response in force (frequency-watt,
+    # volt-watt): its output legitimately departs from setpoints and must not be fought.
+    grid_response: str | None = None
 
     @property
     def ok(self) -> bool:

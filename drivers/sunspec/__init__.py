@@ -6,6 +6,8 @@ Modules (pure ones first; only `driver` does I/O):
                 scale factors read with the block) and range-checked encoding for writes;
   * `profile` - the canonical point set (`W`, `SoC`, `WMaxLimPct`, ...) as a declarative table of
                 preferred sources per device kind, plus nameplate sources and kind requirements;
+  * `status`  - device protection state from canonical points: `device_fault(reading)` (St = FAULT,
+                Evt1 trip bits, battery State = FAULT), named from the model JSON's symbols;
   * `driver`  - `SunSpecModbusDriver` / `SunSpecModbusParams`: the `drivers.contract.Driver` over
                 pymodbus' async TCP client (registered as "sunspec-modbus" in drivers.registry).
 

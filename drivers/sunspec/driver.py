@@ -16,10 +16,20 @@ Behaviour that callers rely on (drivers.contract):
     gives every point BAD_COMM with NaN. A failed read closes the TCP connection (so a late reply
     can never be matched to a later request); the next read reconnects once, bounded by
     timeout_s. Backoff belongs to the gateway's poller.
+  * `read()` sets `Reading.fault` when the device reports a fault or trip (`status.fault_reason`:
+    St = FAULT, an Evt1 trip bit, battery State = FAULT).
   * `write()` takes only a SafeSetpoint, reads the control blocks (fresh scale factors), writes
     each control with FC16 (value, timers and enable in one request wherever the map has them
     in one writable run: 123, 704), reads the registers back and compares them word for word.
     `ok` is True only when they match.
+  * The generation cap goes to 704 (`WMaxLimPctEna`, `WMaxLimPct`, `WMaxLimPctRvrtTms`) when the
+    device serves 704's WMaxLimPct, else to 123 (protocols.md §2.2 "Which to use"). On 704 the
+    same FC16 carries the reversion values from `SafeSetpoint.revert_cap_w`: a cap gives
+    `WMaxLimPctRvrt` = that cap in % of WMax (floored) and `WMaxLimPctEnaRvrt` = ENABLED, None
+    gives `WMaxLimPctEnaRvrt` = DISABLED (the device's own default, i.e. no limit). A device
+    that does not implement the reversion registers gets the cap and timer alone; the result is
+    then ok with a `reason` saying the reversion cap could not be set. Model 123 has no
+    reversion values: there `revert_cap_w` cannot be honoured (same note).
   * One asyncio.Lock serialises all I/O of a driver: reads and writes may come from different tasks.
 """
 
@@ -49,7 +59,7 @@ from drivers.contract import (
     Reading,
     WriteResult,
 )
-from drivers.sunspec import codec, models, profile
+from drivers.sunspec import codec, models, profile, status
 from gateway.clock import Clock
 from gateway.safety import SafeSetpoint
 
@@ -225,6 +235,7 @@ class _WriteOp:
     values: Mapping[str, float]
     gate: str | None = None
     enabling: bool = True
+    note: str | None = None  # landed, but short of what was asked (reported with ok=True)
 
 
 def _runs(layout: models.ModelLayout, names: Iterable[str]) -> list[tuple[int, int]]:
@@ -377,6 +388,8 @@ class SunSpecModbusDriver:
             schema=compiled.schema,
             values=values,
             quality=quality,
+            fault=status.fault_reason(compiled.schema, values, quality),
+            grid_response=status.grid_response_reason(compiled.schema, values, quality),
         )
 
     async def write(self, setpoint: SafeSetpoint) -> WriteResult:
@@ -857,10 +870,17 @@ class SunSpecModbusDriver:
                 ops.append(self._storage_124(sp.active_power_w, revert, blocks))
             elif 704 in self._first:
                 ops.append(self._storage_704(sp.active_power_w, revert, blocks))
-        if 123 in self._first:
-            ops.append(self._cap_123(sp.max_active_power_w, revert, blocks))
-        elif 704 in self._first:
-            ops.append(self._cap_704(sp.max_active_power_w, revert, blocks))
+        if self._cap_model(blocks) == 704:
+            ops.append(self._cap_704(sp.max_active_power_w, sp.revert_cap_w, revert, blocks))
+        elif 123 in self._first:
+            op = self._cap_123(sp.max_active_power_w, revert, blocks)
+            if sp.revert_cap_w is not None:
+                note = (
+                    f"revert cap {sp.revert_cap_w:g} W not set: model 123 has no reversion "
+                    "values, the device reverts to its own default (no limit)"
+                )
+                op = _WriteOp(op.model, op.values, op.gate, op.enabling, note)
+            ops.append(op)
         if sp.connect is not None:
             conn = _WriteOp(
                 self._first[123],
@@ -876,6 +896,14 @@ class SunSpecModbusDriver:
             else:
                 ops.insert(0, conn)
         return ops
+
+    def _cap_model(self, blocks: _Blocks) -> int | None:
+        """Where the generation cap goes: 704 when it serves WMaxLimPct, else 123 (if any)."""
+        if 704 in self._first and _value(blocks, 704, "WMaxLimPct") is not None:
+            return 704
+        if 123 in self._first:
+            return 123
+        return 704 if 704 in self._first else None
 
     def _rating(self, blocks: _Blocks, sources: Sequence[tuple[int, str]]) -> float:
         for mid, point in sources:
@@ -933,20 +961,44 @@ class SunSpecModbusDriver:
             enabling=ena == _ENABLED,
         )
 
-    def _cap_704(self, cap_w: float | None, revert: float, blocks: _Blocks) -> _WriteOp:
-        if cap_w is None:
-            pct, ena = 100.0, _DISABLED
-        else:
+    def _cap_704(
+        self, cap_w: float | None, revert_cap_w: float | None, revert: float, blocks: _Blocks
+    ) -> _WriteOp:
+        def pct_of(watts: float, point: str) -> float:
             base = self._rating(
                 blocks, ((702, "WMax"), (702, "WMaxRtg"), (121, "WMax"), (120, "WRtg"))
             )
-            pct = self._floor(704, "WMaxLimPct", min(max(cap_w / base * 100.0, 0.0), 100.0), blocks)
-            ena = _ENABLED
+            return self._floor(704, point, min(max(watts / base * 100.0, 0.0), 100.0), blocks)
+
+        if cap_w is None:
+            pct, ena = 100.0, _DISABLED
+        else:
+            pct, ena = pct_of(cap_w, "WMaxLimPct"), _ENABLED
+        values = {"WMaxLimPctEna": ena, "WMaxLimPct": pct, "WMaxLimPctRvrtTms": revert}
+        # The reversion values ride in the same FC16 (offsets 14-19 are one writable run). A
+        # device serving the not-implemented value there has no reversion: leave it alone.
+        note: str | None = None
+        has_reversion = all(
+            _value(blocks, 704, point) is not None
+            for point in ("WMaxLimPctRvrt", "WMaxLimPctEnaRvrt")
+        )
+        if has_reversion:
+            if revert_cap_w is None:
+                values["WMaxLimPctEnaRvrt"] = _DISABLED
+            else:
+                values["WMaxLimPctRvrt"] = pct_of(revert_cap_w, "WMaxLimPctRvrt")
+                values["WMaxLimPctEnaRvrt"] = _ENABLED
+        elif revert_cap_w is not None:
+            note = (
+                f"revert cap {revert_cap_w:g} W not set: the device does not implement 704 "
+                "WMaxLimPctRvrt/WMaxLimPctEnaRvrt, it reverts to its own default (no limit)"
+            )
         return _WriteOp(
             self._first[704],
-            {"WMaxLimPctEna": ena, "WMaxLimPct": pct, "WMaxLimPctRvrtTms": revert},
+            values,
             gate="WMaxLimPctEna",
             enabling=ena == _ENABLED,
+            note=note,
         )
 
     def _storage_124(self, active_w: float | None, revert: float, blocks: _Blocks) -> _WriteOp:
@@ -1030,7 +1082,8 @@ class SunSpecModbusDriver:
                 reason="read-back mismatch (the device did not take the write): "
                 + "; ".join(mismatches),
             )
-        return self._write_result(True, readback=readback)
+        notes = [op.note for op, _ in written if op.note is not None]
+        return self._write_result(True, readback=readback, reason="; ".join(notes) or None)
 
 
 def _value(blocks: _Blocks, mid: int, point: str) -> float | None:

@@ -7,17 +7,25 @@ an optional linear conversion per source, and its physical range.
 
 Source order rules:
   * the 7xx (IEEE 1547-2018 DER) models come before the 1xx models where both define the point;
-  * except for control points (`WMaxLimPct`, `WMaxLimEna`, `Conn`, `StorCtlMod`, `InWRte`,
-    `OutWRte`): they list the model the driver *writes* first (123/124, then 704), so that a
-    reading shows what the driver commanded, not a parallel control the driver does not touch.
+  * control points list the model the driver *writes* first, so that a reading shows what the
+    driver commanded, not a parallel control the driver does not touch: the power limit
+    (`WMaxLimPct`, `WMaxLimEna`) 704 before 123 (protocols.md §2.2 "Which to use"); `Conn` 123
+    (704 has none; 701 `ConnSt` reports it); storage (`StorCtlMod`, `InWRte`, `OutWRte`) 124.
 
 Conversions (declared per source, never guessed):
   * `PF` is a ratio (-1..1): models 101-103/111-113 and 201-204 serve percent (units "Pct"),
     converted with scale 0.01; 701 and 211-214 serve the ratio.
   * `St` uses the 101-103 enum (OFF=1 ... MPPT=4 ... STANDBY=8); 701 `InvSt` is the same list
     starting at 0, converted with offset +1.
-  * `Evt1` uses the 101-103 bit positions; 701 `Alrm` has the same bits 0-11.
+  * `Evt1` uses the 101-103 bit positions; 701 `Alrm` has the same bits 0-15 (and adds
+    MANUFACTURER_ALRM = 16). `drivers.sunspec.status.device_fault` names them.
 
+Protection inputs (what the gateway judges device protection and BMS limits on; all present on
+both model families where the device serves them): `St` (103 enum, FAULT = 7), `Evt1` (trip
+bits), `Hz` (inverters and meters), battery `SoC`, `WChaRteMax` / `WDisChaRteMax` (802 BMS
+dynamic limits), `BatState` (802, FAULT = 99), `BatEvt1` (802 alarms) and, on 7xx devices,
+`ThrotSrc` (701: MAX_W, FREQ_WATT, ... = why the output is throttled) and the 704 reversion
+values `WMaxLimPctRvrt` / `WMaxLimEnaRvrt` that the driver writes.
 Sign conventions: inverter `W` + = export/discharge (SunSpec AC power out of the inverter);
 meter `W` + = import from the grid (SunSpec meter convention); both as served, no sign flips.
 
@@ -122,12 +130,13 @@ _INVERTER: Final[tuple[CanonicalPoint, ...]] = (
     ),
     CanonicalPoint("St", "", (Source(701, "InvSt", offset=1.0), *_each(_INV_ALL, "St"))),
     CanonicalPoint("Evt1", "", (Source(701, "Alrm"), *_each(_INV_ALL, "Evt1"))),
+    CanonicalPoint("ThrotSrc", "", (Source(701, "ThrotSrc"),)),
     CanonicalPoint("WRtg", "W", (Source(702, "WMaxRtg"), Source(120, "WRtg")), valid_min=0.0),
     CanonicalPoint("WMax", "W", (Source(702, "WMax"), Source(121, "WMax")), valid_min=0.0),
     CanonicalPoint(
         "WMaxLimPct",
         "%",
-        (Source(123, "WMaxLimPct"), Source(704, "WMaxLimPct")),
+        (Source(704, "WMaxLimPct"), Source(123, "WMaxLimPct")),
         0.0,
         100.0,
         control=True,
@@ -135,10 +144,16 @@ _INVERTER: Final[tuple[CanonicalPoint, ...]] = (
     CanonicalPoint(
         "WMaxLimEna",
         "",
-        (Source(123, "WMaxLim_Ena"), Source(704, "WMaxLimPctEna")),
+        (Source(704, "WMaxLimPctEna"), Source(123, "WMaxLim_Ena")),
         0.0,
         1.0,
         control=True,
+    ),
+    CanonicalPoint(
+        "WMaxLimPctRvrt", "%", (Source(704, "WMaxLimPctRvrt"),), 0.0, 100.0, control=True
+    ),
+    CanonicalPoint(
+        "WMaxLimEnaRvrt", "", (Source(704, "WMaxLimPctEnaRvrt"),), 0.0, 1.0, control=True
     ),
     CanonicalPoint(
         "Conn", "", (Source(123, "Conn"), Source(701, "ConnSt")), 0.0, 1.0, control=True
@@ -156,6 +171,7 @@ _BATTERY_EXTRA: Final[tuple[CanonicalPoint, ...]] = (
     CanonicalPoint("InWRte", "%", (Source(124, "InWRte"),), -100.0, 100.0, control=True),
     CanonicalPoint("OutWRte", "%", (Source(124, "OutWRte"),), -100.0, 100.0, control=True),
     CanonicalPoint("BatState", "", (Source(802, "State"),)),
+    CanonicalPoint("BatEvt1", "", (Source(802, "Evt1"),)),
 )
 
 _METER_ALL: Final = (*METER_INT, *METER_FLOAT)

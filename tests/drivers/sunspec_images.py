@@ -294,6 +294,28 @@ def battery_7xx_models() -> list[ModelSpec]:
     ]
 
 
+def pv_7xx_models(*, reversion: bool = True) -> list[ModelSpec]:
+    """A 7xx-only PV inverter: 1, 701, 702, 704; 702 WMax 8000 W, WMaxLimPct_SF -1.
+
+    `reversion=False`: 704 serves the not-implemented value for WMaxLimPctRvrt/EnaRvrt.
+    """
+    rvrt = {"WMaxLimPctRvrt": 1000, "WMaxLimPctEnaRvrt": 0} if reversion else {}
+    return [
+        ModelSpec(1, raw={"Mn": "Acme", "Md": "PV-7", "SN": "P7"}),
+        ModelSpec(
+            701,
+            raw={"W_SF": 0, "V_SF": -1, "Hz_SF": -3, "InvSt": 3, "ConnSt": 1, "Alrm": 0},
+            scaled={"W": 4000.0, "VL1": 230.0, "Hz": 50.0},
+        ),
+        ModelSpec(702, raw={"W_SF": 0}, scaled={"WMaxRtg": 10000.0, "WMax": 8000.0}),
+        ModelSpec(
+            704,
+            raw={"WMaxLimPct_SF": -1, "WMaxLimPctEna": 0, "WMaxLimPctRvrtTms": 0, **rvrt},
+            scaled={"WMaxLimPct": 100.0},
+        ),
+    ]
+
+
 def meter_models(w: float = -2500.0) -> list[ModelSpec]:
     return [
         ModelSpec(1, raw={"Mn": "Acme", "Md": "M-3", "SN": "M1"}),

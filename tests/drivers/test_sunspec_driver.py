@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from drivers.contract import DeviceKind, Driver, DriverError, LinkState, Quality
+from drivers.contract import Control, DeviceKind, Driver, DriverError, LinkState, Quality
 from drivers.registry import create_driver, params_model
 from drivers.sunspec.driver import (
     MAX_READ_REGISTERS,
@@ -36,6 +36,7 @@ from tests.drivers.sunspec_images import (
     battery_7xx_models,
     image,
     meter_models,
+    pv_7xx_models,
     pv_models,
     readonly_offsets,
 )
@@ -649,6 +650,96 @@ async def test_battery_via_704(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         await driver.close()
         await server.stop()
+
+
+async def test_pv_cap_via_704_carries_the_reversion_values_in_one_fc16() -> None:
+    specs = pv_7xx_models()
+    server = await serve(specs, readonly=readonly_offsets(specs))
+    driver = make_driver(server, DeviceKind.PV, device_id="pv7")
+    start = 40000 + model_offset(specs, 704) + get_layout(704).point("WMaxLimPctEna").offset
+    try:
+        info = await driver.connect()
+        assert info.controls == {Control.GENERATION_CAP}  # 704 has no Conn
+        result = await driver.write(
+            pv_setpoint("pv7", cap_w=4000.0, revert_cap_w=1600.0, revert_after_s=60)
+        )
+        assert result.ok, result.reason
+        assert result.reason is None
+        # Ena, WMaxLimPct 50 % (of 702 WMax 8000 W, SF -1), WMaxLimPctRvrt 20 %, EnaRvrt,
+        # RvrtTms (uint32): one FC16 over the writable run 14..19.
+        assert server.writes == [(start, [1, 500, 200, 1, 0, 60])]
+        assert result.readback["704.WMaxLimPctRvrt"] == 20.0
+        assert result.readback["704.WMaxLimPctEnaRvrt"] == 1.0
+        got = values(await driver.read())
+        assert got["WMaxLimPct"] == (50.0, Quality.GOOD)
+        assert got["WMaxLimPctRvrt"] == (20.0, Quality.GOOD)
+        assert got["WMaxLimEnaRvrt"] == (1.0, Quality.GOOD)
+
+        # No revert cap: the device's own default (EnaRvrt DISABLED); the value is left as is.
+        server.writes.clear()
+        result = await driver.write(pv_setpoint("pv7", cap_w=4000.0, revert_after_s=60))
+        assert result.ok, result.reason
+        assert server.writes == [(start, [1, 500, 200, 0, 0, 60])]
+        # A revert cap is floored like the cap and clamped to 100 %.
+        server.writes.clear()
+        result = await driver.write(
+            pv_setpoint("pv7", cap_w=None, revert_cap_w=9000.0, revert_after_s=30)
+        )
+        assert result.ok, result.reason
+        assert server.writes == [(start, [0, 1000, 1000, 1, 0, 30])]
+    finally:
+        await driver.close()
+        await server.stop()
+
+
+async def test_704_without_reversion_registers_caps_and_says_so() -> None:
+    specs = pv_7xx_models(reversion=False)
+    server = await serve(specs, readonly=readonly_offsets(specs))
+    driver = make_driver(server, DeviceKind.PV, device_id="pv7")
+    start = 40000 + model_offset(specs, 704) + get_layout(704).point("WMaxLimPctEna").offset
+    try:
+        await driver.connect()
+        result = await driver.write(pv_setpoint("pv7", cap_w=4000.0, revert_cap_w=1000.0))
+        assert result.ok, result.reason
+        assert "revert cap 1000 W not set" in (result.reason or "")
+        # The not-implemented reversion registers are rewritten as they were (0xFFFF).
+        assert server.writes == [(start, [1, 500, 0xFFFF, 0xFFFF, 0, 60])]
+        plain = await driver.write(pv_setpoint("pv7", cap_w=4000.0))
+        assert plain.ok
+        assert plain.reason is None
+    finally:
+        await driver.close()
+        await server.stop()
+
+
+async def test_704_is_preferred_over_123_when_both_are_served() -> None:
+    specs = [*pv_models(), *pv_7xx_models()[3:]]  # 1, 103, 120, 121, 123, 704
+    server = await serve(specs, readonly=readonly_offsets(specs))
+    driver = make_driver(server, DeviceKind.PV)
+    m704 = 40000 + model_offset(specs, 704)
+    try:
+        await driver.connect()
+        result = await driver.write(pv_setpoint(cap_w=4000.0, revert_cap_w=2000.0))
+        assert result.ok, result.reason
+        assert [a for a, _ in server.writes] == [
+            m704 + get_layout(704).point("WMaxLimPctEna").offset
+        ]
+        assert "123.WMaxLimPct" not in result.readback
+        got = values(await driver.read())
+        assert got["WMaxLimPct"] == (50.0, Quality.GOOD)  # read from 704, what was written
+        assert got["WMaxLimEna"] == (1.0, Quality.GOOD)
+    finally:
+        await driver.close()
+        await server.stop()
+
+
+async def test_123_cannot_hold_a_revert_cap_and_says_so(pv_server: ImageServer) -> None:
+    driver = make_driver(pv_server, DeviceKind.PV)
+    await driver.connect()
+    result = await driver.write(pv_setpoint(cap_w=5000.0, revert_cap_w=1000.0))
+    assert result.ok, result.reason
+    assert "model 123 has no reversion values" in (result.reason or "")
+    await driver.close()
 
 
 async def test_concurrent_reads_and_writes_are_serialised(pv_server: ImageServer) -> None:

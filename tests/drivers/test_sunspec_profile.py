@@ -14,9 +14,10 @@ from drivers.sunspec.profile import (
 )
 
 INVERTER_NAMES = {"W", "VA", "Var", "PF", "Hz", "V", "A", "WH", "DCW", "TmpCab", "St", "Evt1"}
-INVERTER_NAMES |= {"WRtg", "WMax", "WMaxLimPct", "WMaxLimEna", "Conn"}
+INVERTER_NAMES |= {"WRtg", "WMax", "WMaxLimPct", "WMaxLimEna", "Conn", "ThrotSrc"}
+INVERTER_NAMES |= {"WMaxLimPctRvrt", "WMaxLimEnaRvrt"}
 BATTERY_EXTRA = {"SoC", "WChaMax", "WChaRteMax", "WDisChaRteMax", "StorCtlMod", "InWRte"}
-BATTERY_EXTRA |= {"OutWRte", "BatState"}
+BATTERY_EXTRA |= {"OutWRte", "BatState", "BatEvt1"}
 METER_NAMES = {"W", "WphA", "WphB", "WphC", "Var", "VA", "PF", "Hz", "V", "A", "TotWhImp"}
 METER_NAMES |= {"TotWhExp"}
 
@@ -95,3 +96,12 @@ def test_resolve_passes_over_unimplemented_sources() -> None:
 )
 def test_kind_requirements(kind: DeviceKind, models: list[int], missing: list[str]) -> None:
     assert missing_for_kind(kind, models) == missing
+
+
+def test_power_limit_reads_from_704_before_123() -> None:
+    # The driver writes the cap to 704 when both are served: the reading must show 704.
+    both = {r.point.name: r.source for r in resolve(DeviceKind.PV, _has({123: None, 704: None}))}
+    assert (both["WMaxLimPct"].model_id, both["WMaxLimEna"].model_id) == (704, 704)
+    assert both["Conn"].model_id == 123  # 704 has no connect control
+    only_123 = {r.point.name for r in resolve(DeviceKind.PV, _has({103: None, 123: None}))}
+    assert not {"WMaxLimPctRvrt", "WMaxLimEnaRvrt", "ThrotSrc"} & only_123
