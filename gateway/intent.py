@@ -3,14 +3,29 @@
 Converted from the wire (dergw.v1.IntentDocument) in gateway.wire; consumed by gateway.schedule.
 Events are immutable once received (IEEE 2030.5 §10.2.3): only their status changes, by a newer
 version of the document.
+
+Programs follow IEEE 2030.5 DERProgram: each has a primacy (lower wins) and a default control.
+An event belongs to at most one program, and its `primacy` is its program's (gateway.wire copies
+it from the program, so the rest of the gateway reads `ControlEvent.primacy` only).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 
-__all__ = ["ControlEvent", "Controls", "EventStatus", "Intent", "SiteConstraints"]
+__all__ = [
+    "MODES",
+    "ControlEvent",
+    "Controls",
+    "EventStatus",
+    "Intent",
+    "Program",
+    "SiteConstraints",
+    "modes_from_mask",
+    "modes_to_mask",
+]
 
 NS_PER_S = 1_000_000_000
 
@@ -44,6 +59,10 @@ class Controls:
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
 
+    def modes(self) -> frozenset[str]:
+        """The control modes this source asks for (the fields that are set)."""
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
     def describe(self) -> str:
         """Compact human form, e.g. 'export_limit_w=2000'."""
         parts = [
@@ -52,6 +71,21 @@ class Controls:
             if (value := getattr(self, f.name)) is not None
         ]
         return ", ".join(parts) or "no controls"
+
+
+# The control modes, in declaration order: the field names of Controls (= dergw.v1.Controls
+# field numbers 1..10, so the order is stable and a bit mask of it can be persisted).
+MODES: tuple[str, ...] = tuple(f.name for f in fields(Controls))
+
+
+def modes_to_mask(modes: Iterable[str]) -> int:
+    """A set of modes as a bit mask (bit i = MODES[i]), e.g. to persist withdrawn modes."""
+    return sum(1 << MODES.index(mode) for mode in set(modes))
+
+
+def modes_from_mask(mask: int) -> frozenset[str]:
+    """The inverse of modes_to_mask (unknown bits are ignored)."""
+    return frozenset(mode for i, mode in enumerate(MODES) if mask >> i & 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +100,7 @@ class ControlEvent:
     randomize_start_s: int = 0
     randomize_duration_s: int = 0
     status: EventStatus = EventStatus.SCHEDULED
+    program_id: str | None = None  # None = belongs to no program (primacy is its own)
 
     @property
     def nominal_end_wall_ns(self) -> int:
@@ -82,10 +117,25 @@ class SiteConstraints:
 
 
 @dataclass(frozen=True, slots=True)
+class Program:
+    """An IEEE 2030.5 DERProgram: a primacy (lower wins) and its DefaultDERControl."""
+
+    program_id: str
+    primacy: int
+    default_control: Controls = field(default_factory=Controls)
+
+
+@dataclass(frozen=True, slots=True)
 class Intent:
     site_id: str
     version: int
     issued_wall_ns: int
     events: tuple[ControlEvent, ...]
+    # The site's base default: applies to a mode that no event and no program default asks for.
     default_control: Controls
     constraints: SiteConstraints
+    programs: tuple[Program, ...] = ()
+
+    @property
+    def program_ids(self) -> frozenset[str]:
+        return frozenset(p.program_id for p in self.programs)

@@ -49,7 +49,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: event_states.withdrawn_mask
 _MAX_VERSION = 2**63 - 1  # SQLite INTEGER is signed 64-bit; the wire's uint64 is wider
 _DEFAULT_HISTORY = 8
 
@@ -97,6 +97,9 @@ class EventState:
     drawn_duration_offset_s: int  # randomize_duration_s drawn once for this gateway
     last_response: int  # the dergw.v1.ResponseStatus last queued for the event; 0 = none yet
     updated_wall_ns: int
+    # Control modes the event lost for good to a higher-priority one (gateway.intent
+    # modes_to_mask): supersession is permanent, also across restarts.
+    withdrawn_mask: int = 0
 
     def __post_init__(self) -> None:
         if self.last_response < 0:
@@ -147,6 +150,7 @@ class IntentStore(StateFile):
                         "drawn_duration_offset_s": int,
                         "last_response": int,
                         "updated_wall_ns": int,
+                        "withdrawn_mask": int,
                     },
                     pk="event_id",
                     not_null={
@@ -157,6 +161,12 @@ class IntentStore(StateFile):
                     },
                 )
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            elif version == 1:
+                # Upgrade in place: nothing held is lost (the column defaults to no withdrawal).
+                conn.execute(
+                    "ALTER TABLE event_states ADD COLUMN withdrawn_mask INTEGER NOT NULL DEFAULT 0"
+                )
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version != _SCHEMA_VERSION:
                 raise IntentStoreSchemaError(
                     f"intent store {self._path} has schema version {version}, this dergw knows "
@@ -269,7 +279,7 @@ class IntentStore(StateFile):
                 self._connection()
                 .execute(
                     "SELECT drawn_start_offset_s, drawn_duration_offset_s, last_response, "
-                    "updated_wall_ns FROM event_states WHERE event_id = ?",
+                    "updated_wall_ns, withdrawn_mask FROM event_states WHERE event_id = ?",
                     (event_id,),
                 )
                 .fetchone()
@@ -283,18 +293,21 @@ class IntentStore(StateFile):
         with self._lock:
             self._connection().execute(
                 "INSERT INTO event_states (event_id, drawn_start_offset_s, "
-                "drawn_duration_offset_s, last_response, updated_wall_ns) VALUES (?, ?, ?, ?, ?) "
+                "drawn_duration_offset_s, last_response, updated_wall_ns, withdrawn_mask) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (event_id) DO UPDATE SET "
                 "drawn_start_offset_s = excluded.drawn_start_offset_s, "
                 "drawn_duration_offset_s = excluded.drawn_duration_offset_s, "
                 "last_response = excluded.last_response, "
-                "updated_wall_ns = excluded.updated_wall_ns",
+                "updated_wall_ns = excluded.updated_wall_ns, "
+                "withdrawn_mask = excluded.withdrawn_mask",
                 (
                     event_id,
                     state.drawn_start_offset_s,
                     state.drawn_duration_offset_s,
                     state.last_response,
                     state.updated_wall_ns,
+                    state.withdrawn_mask,
                 ),
             )
 
@@ -304,7 +317,8 @@ class IntentStore(StateFile):
                 self._connection()
                 .execute(
                     "SELECT event_id, drawn_start_offset_s, drawn_duration_offset_s, "
-                    "last_response, updated_wall_ns FROM event_states ORDER BY event_id"
+                    "last_response, updated_wall_ns, withdrawn_mask FROM event_states "
+                    "ORDER BY event_id"
                 )
                 .fetchall()
             )

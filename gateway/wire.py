@@ -8,7 +8,7 @@ gateway never touches generated code.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from dergw.v1 import (
     MAX_ABS_WATTS,
@@ -19,7 +19,7 @@ from dergw.v1 import (
     timestamp_from_ns,
 )
 from drivers.contract import DeviceInfo, DeviceKind, Reading
-from gateway.intent import ControlEvent, Controls, EventStatus, Intent, SiteConstraints
+from gateway.intent import ControlEvent, Controls, EventStatus, Intent, Program, SiteConstraints
 from gateway.safety import SafeSetpoint
 from gateway.schedule import ActiveControls, ScopeControls
 
@@ -83,12 +83,46 @@ def _controls_from_pb(where: str, message: pb.Controls) -> Controls:
     )
 
 
+def _programs_from_pb(doc: pb.IntentDocument) -> dict[str, Program]:
+    programs: dict[str, Program] = {}
+    for i, program in enumerate(doc.programs):
+        where = f"programs[{i}]"
+        if not program.program_id or len(program.program_id) > MAX_ID_LENGTH:
+            raise IntentError(f"{where}.program_id: must be 1..{MAX_ID_LENGTH} characters")
+        if program.program_id in programs:
+            raise IntentError(f"{where}.program_id: duplicate id {program.program_id!r}")
+        programs[program.program_id] = Program(
+            program_id=program.program_id,
+            primacy=program.primacy,
+            default_control=_controls_from_pb(f"{where}.default_control", program.default_control),
+        )
+    return programs
+
+
+def _program_of(where: str, program_id: str, programs: Mapping[str, Program]) -> Program | None:
+    if not program_id:
+        return None
+    program = programs.get(program_id)
+    if program is None:
+        defined = ", ".join(repr(p) for p in sorted(programs)) or "none"
+        raise IntentError(
+            f"{where}.program_id: unknown program {program_id!r} (programs defined: {defined})"
+        )
+    return program
+
+
 def intent_from_pb(doc: pb.IntentDocument) -> Intent:
-    """Validate and convert an IntentDocument. Raises IntentError naming the offending field."""
+    """Validate and convert an IntentDocument. Raises IntentError naming the offending field.
+
+    Programs: ids must be unique; an event naming a program must name one of the document's,
+    and its primacy is that program's (IEEE 2030.5 primacy belongs to the DERProgram; the
+    event's own `primacy` field is then ignored). An event with no program keeps its primacy.
+    """
     if not 0 < doc.version < 2**63:
         raise IntentError("version: must be within 1..2**63-1")
     if not doc.site_id:
         raise IntentError("site_id: missing")
+    programs = _programs_from_pb(doc)
     events: list[ControlEvent] = []
     seen: set[str] = set()
     for i, event in enumerate(doc.events):
@@ -108,18 +142,20 @@ def intent_from_pb(doc: pb.IntentDocument) -> Intent:
             status = EventStatus(event.status)
         except ValueError:
             raise IntentError(f"{where}.status: unknown status {event.status}") from None
+        program = _program_of(where, event.program_id, programs)
         events.append(
             ControlEvent(
                 event_id=event.event_id,
                 created_wall_ns=ns_from_timestamp(event.created_at),
                 start_wall_ns=ns_from_timestamp(event.start),
                 duration_s=event.duration_s,
-                primacy=event.primacy,
+                primacy=program.primacy if program is not None else event.primacy,
                 controls=_controls_from_pb(f"{where}.controls", event.controls),
                 device_id=event.device_id or None,
                 randomize_start_s=event.randomize_start_s,
                 randomize_duration_s=event.randomize_duration_s,
                 status=status,
+                program_id=program.program_id if program is not None else None,
             )
         )
     constraints = doc.constraints
@@ -139,6 +175,7 @@ def intent_from_pb(doc: pb.IntentDocument) -> Intent:
             soc_min_pct=_opt(constraints, "soc_min_pct"),
             soc_max_pct=_opt(constraints, "soc_max_pct"),
         ),
+        programs=tuple(programs.values()),
     )
 
 
@@ -203,15 +240,26 @@ def setpoint_to_pb(setpoint: SafeSetpoint) -> pb.DeviceSetpoint:
 
 
 def event_response_payload(
-    intent_version: int, event_id: str, status: int, reason: str, wall_ns: int
+    intent_version: int,
+    event_id: str,
+    status: int,
+    reason: str,
+    wall_ns: int,
+    *,
+    effective_window: tuple[int, int] | None = None,
 ) -> bytes:
-    return pb.EventResponse(
+    response = pb.EventResponse(
         intent_version=intent_version,
         event_id=event_id,
         status=status,  # type: ignore[arg-type]
         reason=reason,
         time=timestamp_from_ns(wall_ns),
-    ).SerializeToString()
+    )
+    if effective_window is not None:
+        start_ns, end_ns = effective_window
+        response.effective_start.CopyFrom(timestamp_from_ns(start_ns))
+        response.effective_end.CopyFrom(timestamp_from_ns(end_ns))
+    return response.SerializeToString()
 
 
 def intent_status_payload(

@@ -331,3 +331,31 @@ def test_kill_9_after_offer_returned_loses_nothing(path: Path) -> None:
     assert current.document == b"doc-%d" % current.version
     for version in acked:
         assert states[f"ev-{version}"] == EventState(version, -version, 1, version)
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    # Written by dergw before event_states.withdrawn_mask existed: nothing held may be lost.
+    path = tmp_path / "intent.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE intents (version INTEGER PRIMARY KEY, site_id TEXT NOT NULL,
+                document BLOB NOT NULL, received_wall_ns INTEGER NOT NULL);
+            CREATE TABLE event_states (event_id TEXT PRIMARY KEY,
+                drawn_start_offset_s INTEGER NOT NULL, drawn_duration_offset_s INTEGER NOT NULL,
+                last_response INTEGER NOT NULL, updated_wall_ns INTEGER NOT NULL);
+            INSERT INTO intents VALUES (4, 'site-a', x'0a01', 123);
+            INSERT INTO event_states VALUES ('e1', 7, -3, 2, 456);
+            PRAGMA user_version = 1;
+            """
+        )
+    with IntentStore(path, clock=ManualClock()) as store:
+        held = store.current()
+        assert held is not None
+        assert (held.site_id, held.version) == ("site-a", 4)
+        assert store.get_event_state("e1") == EventState(7, -3, 2, 456, withdrawn_mask=0)
+        store.set_event_state("e1", EventState(7, -3, 7, 789, withdrawn_mask=0b101))
+    with IntentStore(path, clock=ManualClock()) as store:
+        state = store.get_event_state("e1")
+        assert state is not None
+        assert state.withdrawn_mask == 0b101
