@@ -202,6 +202,31 @@ class FallbackConfig(_Model):
     connect: bool | None = None
 
 
+class InterlockConfig(_Model):
+    """A static local interlock: a limit the site keeps whatever any intent or override asks.
+
+    E.g. a hard zero-export contract enforced locally, or a device that must stay disconnected.
+    Interlocks rank above utility limits in the safety kernel and still apply if the gateway
+    dies (they are programmed as the devices' reversion values where the model allows).
+    """
+
+    name: Annotated[str, StringConstraints(min_length=1)]
+    device: Slug | None = None  # None = the whole site
+    export_limit_w: NonNegativeWatts | None = None
+    import_limit_w: NonNegativeWatts | None = None
+    gen_limit_w: NonNegativeWatts | None = None
+    load_limit_w: NonNegativeWatts | None = None
+    max_gen_pct: Annotated[float, Field(ge=0, le=100)] | None = None
+    connect: Literal[False] | None = None  # an interlock can only keep a device disconnected
+
+    @model_validator(mode="after")
+    def _sets_something(self) -> Self:
+        fields = ("export_limit_w", "import_limit_w", "gen_limit_w", "load_limit_w")
+        if all(getattr(self, f) is None for f in (*fields, "max_gen_pct", "connect")):
+            raise _fail(((), "an interlock must set at least one limit (or connect = false)", None))
+        return self
+
+
 class ControlConfig(_Model):
     period_s: Annotated[float, Field(ge=0.05, le=60)] = 1.0  # control loop period
     revert_timeout_s: Annotated[int, Field(ge=1)] = 60  # device-side revert timer, armed per write
@@ -218,6 +243,23 @@ class ControlConfig(_Model):
     # Optional: after this long without the headend, stop executing events (defaults only).
     # Off by default (CSIP-AUS: keep following the cached schedule).
     max_offline_s: Annotated[float, Field(gt=0)] | None = None
+    # Closed-loop PCC control (export/import limits).
+    export_deadband_w: NonNegativeWatts = 25.0  # no change while this close inside the margin
+    export_relax_max_step_pct: Annotated[float, Field(gt=0, le=100)] = 20.0  # per cycle
+    pcc_average_s: Annotated[float, Field(ge=0, le=60)] = 2.0  # time-weighted PCC average
+    export_probe_pct: Annotated[float, Field(ge=0, le=10)] = 1.0  # hidden-PV probe, % rating
+    # Grid: inverters' frequency response holds the loop outside nominal ± deadband.
+    nominal_hz: Literal[50, 60] | None = None  # None = the nearer of 50 / 60 Hz
+    frequency_deadband_hz: Annotated[float, Field(gt=0, le=1)] = 0.036
+    # Software ramp of caps and battery setpoints, % of rating per second (None = no ramp).
+    # Reductions needed to meet a limit, protection and interlocks always apply at once.
+    ramp_pct_per_s: Annotated[float, Field(gt=0, le=1000)] | None = None
+    ramp_down_immediate: bool = True
+    # Battery SoC window with hysteresis (the intent's site constraints may tighten it).
+    soc_min_pct: Annotated[float, Field(ge=0, le=100)] = 10.0
+    soc_max_pct: Annotated[float, Field(ge=0, le=100)] = 100.0
+    soc_hysteresis_pct: Annotated[float, Field(ge=0, le=50)] = 5.0
+    interlocks: tuple[InterlockConfig, ...] = ()
     fallback: FallbackConfig = FallbackConfig()
 
     @model_validator(mode="after")
@@ -248,6 +290,14 @@ class ControlConfig(_Model):
                     f"must be at least period_s = {self.period_s:g} s: setpoints are written at "
                     "most once per control period",
                     self.refresh_s,
+                )
+            )
+        if self.soc_min_pct >= self.soc_max_pct:
+            problems.append(
+                (
+                    ("soc_min_pct",),
+                    f"must be below soc_max_pct = {self.soc_max_pct:g} %",
+                    self.soc_min_pct,
                 )
             )
         if problems:
@@ -373,6 +423,16 @@ class GatewayConfig(_Model):
                         None,
                     )
                 )
+        known = {device.id for device in self.devices}
+        problems += [
+            (
+                ("control", "interlocks", i, "device"),
+                f"unknown device {interlock.device!r}; devices: {', '.join(sorted(known))}",
+                interlock.device,
+            )
+            for i, interlock in enumerate(self.control.interlocks)
+            if interlock.device is not None and interlock.device not in known
+        ]
         if problems:
             raise _fail(*problems)
         return self

@@ -122,6 +122,14 @@ class SiteSnapshot:
         reading = self.pcc_reading(now_mono_ns)
         return reading.get("W") if reading is not None else None
 
+    def grid_response(self, now_mono_ns: int) -> str | None:
+        """Which device reports an autonomous grid-support response now (e.g. frequency-watt)."""
+        for device_id, slot in self._slots.items():
+            fresh = self._fresh(slot, now_mono_ns)
+            if fresh is not None and fresh.grid_response:
+                return f"{device_id} {fresh.grid_response}"
+        return None
+
     def grid_hz(self, now_mono_ns: int) -> float | None:
         """Grid frequency at the PCC meter, if fresh and good."""
         reading = self.pcc_reading(now_mono_ns)

@@ -22,9 +22,11 @@ from drivers.contract import DeviceInfo, Driver
 from drivers.registry import DRIVERS, create_driver
 from gateway.clock import Clock, SystemClock
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.history import History
 from gateway.intent_store import IntentSiteMismatchError, IntentStore, OfferResult
 from gateway.outbox import Outbox
 from gateway.runtime.control import ControlLoop
+from gateway.runtime.flex import FlexReporter
 from gateway.runtime.poller import DevicePoller
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.uplink import GrpcUplink
@@ -73,6 +75,14 @@ class Gateway:
             stale_periods=config.control.meter_stale_periods,
         )
         self.recorder = Recorder(self.outbox, commit_interval_s=config.outbox.commit_interval_s)
+        self.history = History(state_dir / "history.sqlite3", clock=self.clock)
+        self.flex = FlexReporter(
+            config,
+            history=self.history,
+            snapshot=self.snapshot,
+            recorder=self.recorder,
+            clock=self.clock,
+        )
         self.control = ControlLoop(
             config,
             drivers=self.drivers,
@@ -82,6 +92,7 @@ class Gateway:
             clock=self.clock,
             # Late-bound: the uplink is built just below.
             offline_for_s=lambda: self.uplink.offline_for_s(),
+            flex=self.flex,
         )
         self.inventory_changed = asyncio.Event()
         self.uplink = GrpcUplink(
@@ -219,6 +230,7 @@ class Gateway:
             )
             self.outbox.close()
             self.store.close()
+            self.history.close()
             log.info("gateway %s stopped", self.config.gateway.id)
 
 

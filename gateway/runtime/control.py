@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,18 +22,34 @@ from dataclasses import dataclass
 from drivers.contract import DeviceKind, Driver, WriteResult
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
-from gateway.intent import Controls, Intent
+from gateway.intent import Controls, Intent, modes_from_mask, modes_to_mask
 from gateway.intent_store import EventState, IntentStore
-from gateway.lifecycle import DeviceOutcome, Response, ResponseStatus, after_cycle, on_arrival
+from gateway.lifecycle import (
+    DeviceOutcome,
+    Response,
+    ResponseStatus,
+    after_cycle,
+    on_arrival,
+    withdrawn_modes,
+)
 from gateway.outbox import RecordKind
 from gateway.overrides import OverrideBook
 from gateway.plan import plan
+from gateway.runtime.flex import FlexReporter
 from gateway.runtime.recorder import Recorder
-from gateway.safety import KernelPolicy, KernelState, SafeSetpoint, SiteConditions, enforce
+from gateway.safety import (
+    Interlock,
+    KernelPolicy,
+    KernelState,
+    SafeSetpoint,
+    SiteConditions,
+    enforce,
+)
 from gateway.schedule import (
     ActiveControls,
     Override,
     draw_randomization,
+    effective_windows,
     next_boundary_wall_ns,
     resolve,
 )
@@ -110,6 +127,7 @@ class ControlLoop:
         store: IntentStore,
         clock: Clock,
         offline_for_s: Callable[[], float | None] = lambda: None,
+        flex: FlexReporter | None = None,
     ) -> None:
         self._config = config
         self._gateway_id = config.gateway.id
@@ -137,18 +155,34 @@ class ControlLoop:
         self._generation_key: object = None
         self._written: dict[str, _Written] = {}
         self._event_states: dict[str, EventState] = {}
+        # Modes each event lost for good to a higher-priority event (supersession is permanent,
+        # even after the superseding event has left the document). Persisted with event states.
+        self._withdrawn: dict[str, frozenset[str]] = {}
         self._status_sent: tuple[int, int, bool] | None = None
         self._last_report_mono_ns: int | None = None
         self.active: ActiveControls | None = None
         self._kernel_state = KernelState()  # the safety kernel's memory between cycles
-        self._policy = KernelPolicy(
-            export_margin_w=config.control.export_margin_w,
-            assumed_min_load_w=config.control.assumed_min_load_w,
-            export_relax_gain=config.control.export_relax_gain,
+        self._policy = _kernel_policy(config)
+        self._interlocks = tuple(
+            Interlock(
+                f"interlock {i.name}",
+                Controls(
+                    export_limit_w=i.export_limit_w,
+                    import_limit_w=i.import_limit_w,
+                    gen_limit_w=i.gen_limit_w,
+                    load_limit_w=i.load_limit_w,
+                    max_gen_pct=i.max_gen_pct,
+                    connect=i.connect,
+                ),
+                device_id=i.device,
+                standing=True,
+            )
+            for i in config.control.interlocks
         )
         self._clock_trust = ClockTrust(config.control.clock_trust)
         self._clock_watch = ClockWatch()
         self._offline_for_s = offline_for_s
+        self._flex = flex
         self.overrides = OverrideBook()
         self.cycles = 0
 
@@ -158,6 +192,13 @@ class ControlLoop:
         """Start-up: take the persisted intent and event states (no responses are re-sent)."""
         self.intent = intent
         self._event_states = await asyncio.to_thread(self._store.all_event_states)
+        self._withdrawn = {
+            event_id: modes_from_mask(state.withdrawn_mask)
+            for event_id, state in self._event_states.items()
+            if state.withdrawn_mask
+        }
+        if intent is not None:
+            await self._refresh_withdrawn(intent, self._clock.wall_ns())
 
     async def accept_intent(self, intent: Intent) -> None:
         """A new intent version was persisted: queue arrival responses and act on it at once."""
@@ -174,9 +215,30 @@ class ControlLoop:
                     last_response=0,
                     updated_wall_ns=now,
                 )
-        responses = on_arrival(intent, last, now, self._device_ids)
-        await self._emit_responses(intent.version, responses, now)
+        responses = on_arrival(
+            intent, last, now, self._device_ids, offsets=self._offsets(), withdrawn=self._withdrawn
+        )
+        await self._emit_responses(intent, responses, now)
+        await self._refresh_withdrawn(intent, now)
         self._wake.set()
+
+    async def _refresh_withdrawn(self, intent: Intent, now_wall: int) -> None:
+        """Recompute the modes events lost for good; persist what changed."""
+        last = {k: ResponseStatus(v.last_response) for k, v in self._event_states.items()}
+        withdrawn = withdrawn_modes(
+            intent, last, self._offsets(), self._device_ids, previous=self._withdrawn
+        )
+        changed: dict[str, EventState] = {}
+        for event_id, modes in withdrawn.items():
+            if modes == self._withdrawn.get(event_id, frozenset()):
+                continue
+            state = self._event_states.get(event_id) or EventState(0, 0, 0, now_wall)
+            changed[event_id] = self._event_states[event_id] = dataclasses.replace(
+                state, withdrawn_mask=modes_to_mask(modes), updated_wall_ns=now_wall
+            )
+        self._withdrawn = dict(withdrawn)
+        if changed:
+            await asyncio.to_thread(self._persist_states, changed)
 
     # -- local overrides ----------------------------------------------------------------------
 
@@ -293,6 +355,7 @@ class ControlLoop:
             devices=self._device_ids,
             offsets=self._offsets(),
             overrides=self.overrides.active(),
+            withdrawn=self._withdrawn,
             events_allowed=events_allowed,
             blocked_reason="; ".join(n for n in gate_notes if "stepped" not in n),
         )
@@ -319,6 +382,7 @@ class ControlLoop:
                 active.site.controls.describe(),
             )
 
+        pcc = self._snapshot.pcc_reading(now_mono)
         the_plan = plan(
             active,
             states,
@@ -330,11 +394,20 @@ class ControlLoop:
             the_plan.planned,
             states,
             SiteConditions(
-                pcc_w=self._snapshot.pcc_w(now_mono),
+                pcc_w=pcc.get("W") if pcc is not None else None,
                 export_limits=the_plan.export_limits,
                 import_limits=the_plan.import_limits,
                 grid_hz=self._snapshot.grid_hz(now_mono),
                 now_mono_ns=now_mono,
+                pcc_mono_ns=pcc.mono_ns if pcc is not None else None,
+                # Static interlocks, and the limit side of local overrides (their targets went
+                # through the schedule): both rank above utility limits.
+                interlocks=self._interlocks
+                + tuple(
+                    Interlock(f"override {o.override_id} ({o.origin})", o.controls, o.device_id)
+                    for o in self.overrides.active()
+                ),
+                grid_response=self._snapshot.grid_response(now_mono),
             ),
             revert_after_s=self._control.revert_timeout_s,
             policy=self._policy,
@@ -369,6 +442,20 @@ class ControlLoop:
                 summary += " | " + " | ".join(the_plan.log)
             log.info("decision: %s", summary)
             self._recorder.record(RecordKind.DECISION, decision_payload(now_wall, summary, changed))
+
+        if self._flex is not None:
+            # Reporting must never disturb control: its failures are logged, not raised.
+            try:
+                self._flex.observe(
+                    states,
+                    enforcement.setpoints,
+                    intent.constraints if intent is not None else None,
+                    now_wall,
+                    now_mono,
+                )
+                await self._flex.maybe_report()
+            except Exception:
+                log.exception("flexibility report failed; control continues")
 
         outcomes = self._outcomes()
         await self._lifecycle(intent, active, outcomes, now_wall)
@@ -425,9 +512,19 @@ class ControlLoop:
             return
         last = {k: ResponseStatus(v.last_response) for k, v in self._event_states.items()}
         responses = after_cycle(
-            intent, active, last, outcomes, self._controllable, now_wall, self._offsets()
+            intent,
+            active,
+            last,
+            outcomes,
+            self._controllable,
+            now_wall,
+            self._offsets(),
+            devices=self._device_ids,
+            withdrawn=self._withdrawn,
         )
-        await self._emit_responses(intent.version, responses, now_wall)
+        await self._emit_responses(intent, responses, now_wall)
+        if responses:
+            await self._refresh_withdrawn(intent, now_wall)
 
         # One verdict per (version, controls generation): "applied" only when every device in
         # scope read back what was written; "failed" (with reasons) at most once before that.
@@ -447,23 +544,32 @@ class ControlLoop:
         )
         self._status_sent = (*key, applied)
 
-    async def _emit_responses(self, version: int, responses: list[Response], now_wall: int) -> None:
+    async def _emit_responses(
+        self, intent: Intent, responses: list[Response], now_wall: int
+    ) -> None:
         if not responses:
             return
+        windows = effective_windows(intent.events, self._offsets())
         for response in responses:
-            state = self._event_states.get(response.event_id)
-            if state is None:
-                state = EventState(0, 0, 0, now_wall)
-            self._event_states[response.event_id] = EventState(
-                drawn_start_offset_s=state.drawn_start_offset_s,
-                drawn_duration_offset_s=state.drawn_duration_offset_s,
-                last_response=int(response.status),
-                updated_wall_ns=now_wall,
+            state = self._event_states.get(response.event_id) or EventState(0, 0, 0, now_wall)
+            self._event_states[response.event_id] = dataclasses.replace(
+                state, last_response=int(response.status), updated_wall_ns=now_wall
+            )
+            # The window as this gateway executes it, on the responses that announce it.
+            window = (
+                windows.get(response.event_id)
+                if response.status in (ResponseStatus.RECEIVED, ResponseStatus.STARTED)
+                else None
             )
             self._recorder.record(
                 RecordKind.EVENT_RESPONSE,
                 event_response_payload(
-                    version, response.event_id, int(response.status), response.reason, now_wall
+                    intent.version,
+                    response.event_id,
+                    int(response.status),
+                    response.reason,
+                    now_wall,
+                    effective_window=window,
                 ),
             )
             level = logging.WARNING if response.status in _PROBLEMS else logging.INFO
@@ -508,3 +614,24 @@ class ControlLoop:
                 clock_trusted=self._clock_trust.trusted(),
             ),
         )
+
+
+def _kernel_policy(config: GatewayConfig) -> KernelPolicy:
+    """The safety kernel's tuning, from the site's control config."""
+    control = config.control
+    return KernelPolicy(
+        export_margin_w=control.export_margin_w,
+        assumed_min_load_w=control.assumed_min_load_w,
+        export_relax_gain=control.export_relax_gain,
+        export_relax_max_step_pct=control.export_relax_max_step_pct,
+        export_deadband_w=control.export_deadband_w,
+        pcc_average_s=control.pcc_average_s,
+        export_probe_pct=control.export_probe_pct,
+        nominal_hz=float(control.nominal_hz) if control.nominal_hz is not None else None,
+        frequency_deadband_hz=control.frequency_deadband_hz,
+        ramp_pct_per_s=control.ramp_pct_per_s,
+        ramp_down_immediate=control.ramp_down_immediate,
+        soc_min_pct=control.soc_min_pct,
+        soc_max_pct=control.soc_max_pct,
+        soc_hysteresis_pct=control.soc_hysteresis_pct,
+    )
