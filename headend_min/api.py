@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse
 
 from dergw.v1 import pb
 from headend_min.clock import Clock, datetime_from_ns, ns_from_datetime
-from headend_min.fleet import intent_progress, is_online, summarize_feeders
+from headend_min.fleet import (
+    FLEXIBILITY_MAX_AGE_NS,
+    flexibility_counts,
+    intent_progress,
+    is_online,
+    summarize_feeders,
+    summarize_flexibility,
+)
 from headend_min.intents import (
     EventConflictError,
     IntentRejected,
@@ -42,6 +49,8 @@ from headend_min.schemas import (
     DeviceOut,
     EventResponseOut,
     FeederOut,
+    FlexibilityOut,
+    FlexibilitySummaryOut,
     GatewayIntentStatusOut,
     GatewayOut,
     HealthOut,
@@ -54,6 +63,7 @@ from headend_min.schemas import (
     LatestPointOut,
     ReportedStateOut,
     SiteDetailOut,
+    SiteFlexibilityOut,
     SiteOut,
 )
 from headend_min.store import IntentComposer, Store, StoreError, UnknownSiteError
@@ -278,6 +288,28 @@ def create_api(
             ],
         )
 
+    @router.get("/sites/{site_id}/flexibility", response_model=SiteFlexibilityOut, tags=["grid"])
+    async def get_site_flexibility(site_id: str) -> SiteFlexibilityOut:
+        """The newest flexibility report of each gateway of the site, with its forecast."""
+        await require_site(site_id)
+        now_ns = clock.wall_ns()
+        online_ids = {g.gateway_id for g in await store.list_gateways(site_id) if online(g, now_ns)}
+        gateways: list[FlexibilityOut] = []
+        counted = []
+        for record in await store.latest_flexibility(site_id):
+            is_up = record.gateway_id in online_ids
+            counts = flexibility_counts(
+                record, online=is_up, now_ns=now_ns, max_age_ns=FLEXIBILITY_MAX_AGE_NS
+            )
+            if counts:
+                counted.append(record)
+            gateways.append(FlexibilityOut.of(record, online=is_up, counted=counts))
+        return SiteFlexibilityOut(
+            site_id=site_id,
+            totals=FlexibilitySummaryOut.of(summarize_flexibility(counted, now_ns=now_ns)),
+            gateways=gateways,
+        )
+
     @router.get("/sites/{site_id}/devices", response_model=list[DeviceOut], tags=["fleet"])
     async def list_site_devices(site_id: str) -> list[DeviceOut]:
         await require_site(site_id)
@@ -440,6 +472,7 @@ def create_api(
             await store.latest_points(site_id=None, point="W"),
             now_ns=clock.wall_ns(),
             stale_after_ns=stale_after_ns,
+            flexibility=await store.latest_flexibility(),
         )
         return [FeederOut.of(summary) for summary in summaries]
 

@@ -1,4 +1,5 @@
-"""Fleet views computed from stored rows (pure; no I/O): presence, intent progress, feeders.
+"""Fleet views computed from stored rows (pure; no I/O): presence, intent progress, feeders,
+flexibility.
 
 Nothing here is cached: every view is recomputed from what the store returns, which is what keeps
 the headend stateless (any instance, or a restarted one, shows the same answers).
@@ -6,6 +7,7 @@ the headend stateless (any instance, or a restarted one, shows the same answers)
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from dergw.v1 import pb
 from headend_min.model import (
     DeviceInfo,
     DeviceRecord,
+    FlexibilityRecord,
+    ForecastPointRecord,
     GatewayRecord,
     IntentDeliveryRecord,
     IntentStatusRecord,
@@ -24,20 +28,31 @@ from headend_min.model import (
 )
 
 __all__ = [
+    "FLEXIBILITY_HORIZONS_S",
+    "FLEXIBILITY_MAX_AGE_NS",
     "GENERATION_KINDS",
     "OUTPUT_POINT",
     "FeederSummary",
+    "FlexibilitySummary",
+    "ForecastSum",
     "GatewayIntentProgress",
     "enrolled_capacity_w",
+    "flexibility_counts",
+    "forecast_at",
     "intent_progress",
     "is_online",
     "summarize_feeders",
+    "summarize_flexibility",
 ]
 
 # Device kinds whose output and capacity count towards a feeder's controllable generation.
 GENERATION_KINDS = frozenset({"PV", "BATTERY"})
 # The SunSpec name of total AC active power (W); the gateway reports it under this name.
 OUTPUT_POINT = "W"
+# Forecast horizons the aggregate views sum, counted from now: +15 min and +4 h.
+FLEXIBILITY_HORIZONS_S = (900, 4 * 3600)
+# A flexibility report older than this no longer counts (gateways report once a minute).
+FLEXIBILITY_MAX_AGE_NS = 300 * 1_000_000_000
 
 
 def is_online(gateway: GatewayRecord, *, now_ns: int, stale_after_ns: int) -> bool:
@@ -65,6 +80,111 @@ def enrolled_capacity_w(device: DeviceInfo) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class ForecastSum:
+    """Forecasts of the counted gateways at one horizon from now, summed."""
+
+    horizon_s: int
+    pv_w: float
+    load_w: float
+    battery_energy_wh: float
+    gateways: int  # how many counted reports reach this horizon
+
+
+@dataclass(frozen=True, slots=True)
+class FlexibilitySummary:
+    """Flexibility of a set of gateways, summed over the fresh reports of the online ones.
+
+    A value a gateway reported as unknown (NaN) is left out of its sum.
+    """
+
+    gateways_reporting: int
+    up_w: float
+    down_w: float
+    pv_w: float
+    load_w: float
+    battery_w: float
+    battery_energy_wh: float
+    battery_capacity_wh: float
+    forecast: tuple[ForecastSum, ...]
+    oldest_report_ns: int | None  # the time of the oldest report counted
+
+
+def forecast_at(record: FlexibilityRecord, offset_s: float) -> ForecastPointRecord | None:
+    """The report's forecast `offset_s` after its time: a point, or linear between two.
+
+    None when the offset lies outside the forecast. A value unknown at either neighbour is
+    unknown in between.
+    """
+    points = record.forecast
+    if not points or not points[0].offset_s <= offset_s <= points[-1].offset_s:
+        return None
+    for before, after in itertools.pairwise(points):
+        if before.offset_s <= offset_s <= after.offset_s:
+            span = after.offset_s - before.offset_s
+            share = (offset_s - before.offset_s) / span if span > 0 else 0.0
+
+            def between(a: float | None, b: float | None, share: float = share) -> float | None:
+                return None if a is None or b is None else a + (b - a) * share
+
+            return ForecastPointRecord(
+                round(offset_s),
+                between(before.pv_w, after.pv_w),
+                between(before.load_w, after.load_w),
+                between(before.battery_energy_wh, after.battery_energy_wh),
+            )
+    return points[0]  # a single point, exactly at offset_s
+
+
+def _known(values: Iterable[float | None]) -> float:
+    return sum(value for value in values if value is not None)
+
+
+def flexibility_counts(
+    record: FlexibilityRecord, *, online: bool, now_ns: int, max_age_ns: int
+) -> bool:
+    """A report counts when its gateway is online and it is recent (either way: clocks skew)."""
+    return online and abs(now_ns - record.time_ns) <= max_age_ns
+
+
+def summarize_flexibility(
+    records: Iterable[FlexibilityRecord],
+    *,
+    now_ns: int,
+    horizons_s: Iterable[int] = FLEXIBILITY_HORIZONS_S,
+) -> FlexibilitySummary:
+    """Sum reports already filtered by `flexibility_counts`; horizons are counted from now."""
+    counted = list(records)
+    forecast: list[ForecastSum] = []
+    for horizon in horizons_s:
+        points = [
+            point
+            for record in counted
+            if (point := forecast_at(record, horizon + (now_ns - record.time_ns) / 1e9)) is not None
+        ]
+        forecast.append(
+            ForecastSum(
+                horizon_s=horizon,
+                pv_w=_known(p.pv_w for p in points),
+                load_w=_known(p.load_w for p in points),
+                battery_energy_wh=_known(p.battery_energy_wh for p in points),
+                gateways=len(points),
+            )
+        )
+    return FlexibilitySummary(
+        gateways_reporting=len(counted),
+        up_w=_known(r.up_w for r in counted),
+        down_w=_known(r.down_w for r in counted),
+        pv_w=_known(r.pv_w for r in counted),
+        load_w=_known(r.load_w for r in counted),
+        battery_w=_known(r.battery_w for r in counted),
+        battery_energy_wh=_known(r.battery_energy_wh for r in counted),
+        battery_capacity_wh=_known(r.battery_capacity_wh for r in counted),
+        forecast=tuple(forecast),
+        oldest_report_ns=min((r.time_ns for r in counted), default=None),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class FeederSummary:
     substation: str
     feeder: str
@@ -75,6 +195,7 @@ class FeederSummary:
     devices_online: int
     current_output_w: float
     enrolled_capacity_w: float
+    flexibility: FlexibilitySummary
 
 
 def summarize_feeders(
@@ -86,12 +207,16 @@ def summarize_feeders(
     *,
     now_ns: int,
     stale_after_ns: int,
+    flexibility: Iterable[FlexibilityRecord] = (),
+    flexibility_max_age_ns: int = FLEXIBILITY_MAX_AGE_NS,
 ) -> list[FeederSummary]:
     """Aggregate by (substation, feeder).
 
     A device is online when its gateway is online and its newest read succeeded with at least one
     GOOD point. Current output sums the latest GOOD `W` of online PV and battery devices;
     enrolled capacity sums the nameplate of every PV and battery device, online or not.
+    Flexibility sums the newest report of each online gateway, if it is recent
+    (`flexibility_max_age_ns`), with the forecasts at FLEXIBILITY_HORIZONS_S from now.
     """
     feeder_of_site = {site.site_id: (site.substation, site.feeder) for site in sites}
     site_ids: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -134,6 +259,15 @@ def summarize_feeders(
             if record.device.kind in GENERATION_KINDS:
                 current_output[device_feeder] += output_w.get(device_key, 0.0)
 
+    reports: dict[tuple[str, str], list[FlexibilityRecord]] = defaultdict(list)
+    for report in flexibility:
+        report_feeder = feeder_of_gateway.get(report.gateway_id)
+        online = report.gateway_id in online_gateways
+        if report_feeder is not None and flexibility_counts(
+            report, online=online, now_ns=now_ns, max_age_ns=flexibility_max_age_ns
+        ):
+            reports[report_feeder].append(report)
+
     return [
         FeederSummary(
             substation=key[0],
@@ -145,6 +279,7 @@ def summarize_feeders(
             devices_online=devices_online[key],
             current_output_w=current_output[key],
             enrolled_capacity_w=capacity[key],
+            flexibility=summarize_flexibility(reports.get(key, ()), now_ns=now_ns),
         )
         for key in sorted(site_ids)
     ]

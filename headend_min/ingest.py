@@ -4,6 +4,7 @@
 TelemetryBatch against the contract (gateway id, consecutive seqs, parallel arrays) and splits it
 into the rows each table receives, so the store only runs one executemany per table. Anything
 that breaks the contract raises `ProtocolViolation`, whose message is sent back to the gateway.
+`flexibility_record` decodes a stored Flexibility report for the API.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from headend_min.model import (
     DecisionRow,
     DeviceInfo,
     EventResponseRow,
+    FlexibilityRecord,
+    FlexibilityRow,
+    ForecastPointRecord,
     IntentStatusRow,
     LatestPointRow,
     Nameplate,
@@ -34,6 +38,7 @@ from headend_min.model import (
 __all__ = [
     "MAX_ID_LENGTH",
     "ProtocolViolation",
+    "flexibility_record",
     "plan_telemetry",
     "registration_from_pb",
     "sample_points",
@@ -210,6 +215,16 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
                     response.status,
                     response.reason,
                     ns_from_timestamp(response.time),
+                    (
+                        ns_from_timestamp(response.effective_start)
+                        if response.HasField("effective_start")
+                        else None
+                    ),
+                    (
+                        ns_from_timestamp(response.effective_end)
+                        if response.HasField("effective_end")
+                        else None
+                    ),
                 )
             )
         elif kind == "intent_status":
@@ -247,6 +262,18 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
                     ns_from_timestamp(decision.time),
                     decision.summary,
                     decision.SerializeToString(),
+                )
+            )
+        elif kind == "flexibility":
+            flexibility = record.flexibility
+            rows.flexibility.append(
+                FlexibilityRow(
+                    gateway_id,
+                    seq,
+                    ns_from_timestamp(flexibility.time),
+                    _finite(flexibility.up_w),
+                    _finite(flexibility.down_w),
+                    flexibility.SerializeToString(),
                 )
             )
         else:
@@ -299,6 +326,41 @@ def _latest_points(
                 )
             )
     return latest
+
+
+def _finite(value: float) -> float | None:
+    # NaN means "unknown" on the wire; it is kept (and shown) as None, never summed as a number.
+    return value if math.isfinite(value) else None
+
+
+def flexibility_record(gateway_id: str, seq: int, payload: bytes) -> FlexibilityRecord:
+    """A stored Flexibility report as plain data (forecast points sorted by offset)."""
+    message = pb.Flexibility.FromString(payload)
+    points = sorted(
+        (
+            ForecastPointRecord(
+                point.offset_s,
+                _finite(point.pv_w),
+                _finite(point.load_w),
+                _finite(point.battery_energy_wh),
+            )
+            for point in message.forecast
+        ),
+        key=lambda point: point.offset_s,
+    )
+    return FlexibilityRecord(
+        gateway_id=gateway_id,
+        seq=seq,
+        time_ns=ns_from_timestamp(message.time),
+        up_w=_finite(message.up_w),
+        down_w=_finite(message.down_w),
+        pv_w=_finite(message.pv_w),
+        load_w=_finite(message.load_w),
+        battery_w=_finite(message.battery_w),
+        battery_energy_wh=_finite(message.battery_energy_wh),
+        battery_capacity_wh=_finite(message.battery_capacity_wh),
+        forecast=tuple(points),
+    )
 
 
 def sample_points(

@@ -1,11 +1,19 @@
 """Intent documents: validation, merge into the next version, cancellation (pure; no I/O).
 
 A site's desired state is a sequence of versioned `IntentDocument`s (IEEE 2030.5 DERControl /
-DefaultDERControl semantics). Each operator post composes the *next* version from the previous
-one: events that have not ended yet are carried over (unless replaced), new events are appended
-with `created_at = now`, and the default control and constraints are replaced when given, else
-carried over. The store calls these functions inside the transaction that allocates the version,
-so two concurrent posts can never both build on the same previous document.
+DefaultDERControl / DERProgram semantics). Each operator post composes the *next* version from
+the previous one: events that have not ended yet are carried over (unless replaced), new events
+are appended with `created_at = now`, and the default control, the programs and the constraints
+are replaced when given, else carried over. The store calls these functions inside the
+transaction that allocates the version, so two concurrent posts can never both build on the same
+previous document.
+
+Programs: every event belongs to one (`program_id`; absent = the program named "default", which
+exists implicitly with primacy 1 unless the site defines it), and its primacy is its program's:
+the document's events carry their program's current primacy. A program's default control applies
+to the modes no event asks for (the lowest primacy first); the document's own `default_control`
+is the site's base default under all programs. An event naming a program the site does not
+define is refused, and so is a programs list that drops a program a live event still uses.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from dergw.v1 import MAX_RANDOMIZE_S, ns_from_timestamp, pb, timestamp_from_ns
 from headend_min.model import IntentBasis
 
 __all__ = [
+    "DEFAULT_PROGRAM_ID",
+    "DEFAULT_PROGRAM_PRIMACY",
     "MAX_RANDOMIZE_S",
     "ConstraintValues",
     "ControlValues",
@@ -27,8 +37,10 @@ __all__ = [
     "IntentRequest",
     "IntentVersionError",
     "InvalidIntentError",
+    "ProgramRequest",
     "UnknownDeviceError",
     "UnknownEventError",
+    "UnknownProgramError",
     "cancel_event",
     "carried_events",
     "compose_intent",
@@ -38,7 +50,10 @@ __all__ = [
 
 _NS = 1_000_000_000
 _UINT32_MAX = 2**32 - 1
-# The gateway refuses a whole document with randomization beyond this; refuse the post instead.
+# The program of an event posted without program_id; it exists implicitly with this primacy
+# (2030.5 primacy 1 = "contracted premises service provider") unless the site defines it.
+DEFAULT_PROGRAM_ID = "default"
+DEFAULT_PROGRAM_PRIMACY = 1
 
 
 class IntentRejected(ValueError):
@@ -67,6 +82,18 @@ class UnknownDeviceError(IntentRejected):
 
 class UnknownEventError(IntentRejected):
     """The event to cancel is not in the site's latest document."""
+
+
+class UnknownProgramError(IntentRejected):
+    """An event names a program the site does not define (after this post)."""
+
+    def __init__(self, what: str, program_id: str, known: Iterable[str], advice: str) -> None:
+        known_list = ", ".join(repr(p) for p in sorted(known)) or "none"
+        super().__init__(
+            f"{what} program {program_id!r}, which the site does not define "
+            f"(its programs: {known_list}); {advice}"
+        )
+        self.program_id = program_id
 
 
 class EventConflictError(IntentRejected):
@@ -122,10 +149,17 @@ class EventRequest:
     duration_s: int
     event_id: str | None = None  # None = generated
     start_ns: int | None = None  # None = now
-    primacy: int = 1
+    program_id: str | None = None  # None = DEFAULT_PROGRAM_ID; the primacy is the program's
     device_id: str | None = None  # None = the whole site
     randomize_start_s: int = 0
     randomize_duration_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramRequest:
+    program_id: str
+    primacy: int  # lower wins
+    default_control: ControlValues | None = None  # None = the program has no default control
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +168,7 @@ class IntentRequest:
     default_control: ControlValues | None = None  # given = replaces the previous one
     constraints: ConstraintValues | None = None  # given = replaces the previous ones
     replace_events: bool = False  # drop carried-over events (of the scope) instead of keeping
+    programs: tuple[ProgramRequest, ...] | None = None  # given = replaces the previous ones
 
 
 def event_end_ns(event: pb.ControlEvent) -> int:
@@ -169,9 +204,13 @@ def carried_events(
 
 def for_device(request: IntentRequest, device_id: str) -> IntentRequest:
     """Scope a request posted to a device route: every event targets that device."""
-    if request.default_control is not None or request.constraints is not None:
+    if (
+        request.default_control is not None
+        or request.constraints is not None
+        or request.programs is not None
+    ):
         raise InvalidIntentError(
-            "default_control and constraints apply to the whole site; "
+            "default_control, programs and constraints apply to the whole site; "
             "post them to /api/v1/sites/{site_id}/intents instead of a device route"
         )
     events: list[EventRequest] = []
@@ -194,13 +233,25 @@ def _check_controls(controls: ControlValues, where: str) -> None:
 
 
 def _new_event(
-    request: EventRequest, *, event_id: str, now_ns: int, position: int
+    request: EventRequest,
+    *,
+    event_id: str,
+    now_ns: int,
+    position: int,
+    programs: dict[str, pb.Program],
 ) -> pb.ControlEvent:
     where = f"events[{position}] ({event_id})"
     if not 0 < request.duration_s <= _UINT32_MAX:
         raise InvalidIntentError(f"{where}: duration_s must be 1..{_UINT32_MAX} seconds")
-    if not 0 <= request.primacy <= _UINT32_MAX:
-        raise InvalidIntentError(f"{where}: primacy must be 0..{_UINT32_MAX} (lower wins)")
+    program_id = request.program_id or DEFAULT_PROGRAM_ID
+    program = programs.get(program_id)
+    if program is None:
+        raise UnknownProgramError(
+            f"{where} names",
+            program_id,
+            programs,
+            f"add it to programs, or leave program_id out for program {DEFAULT_PROGRAM_ID!r}",
+        )
     for name in ("randomize_start_s", "randomize_duration_s"):
         if abs(getattr(request, name)) > MAX_RANDOMIZE_S:
             raise InvalidIntentError(
@@ -219,10 +270,11 @@ def _new_event(
         duration_s=request.duration_s,
         randomize_start_s=request.randomize_start_s,
         randomize_duration_s=request.randomize_duration_s,
-        primacy=request.primacy,
+        primacy=program.primacy,
         device_id=request.device_id or "",
         controls=request.controls.to_pb(),
         status=pb.EVENT_STATUS_SCHEDULED,
+        program_id=program_id,
     )
     if event_end_ns(event) <= now_ns:
         raise InvalidIntentError(
@@ -239,6 +291,7 @@ def _document(
     now_ns: int,
     default_control: pb.Controls | None,
     constraints: pb.SiteConstraints | None,
+    programs: Iterable[pb.Program] = (),
 ) -> pb.IntentDocument:
     if basis.previous is not None and basis.next_version <= basis.previous.version:
         # The store allocates versions; this guards the one invariant gateways rely on.
@@ -250,6 +303,7 @@ def _document(
         version=basis.next_version,
         issued_at=timestamp_from_ns(now_ns),
         events=list(events),
+        programs=list(programs),
     )
     if default_control is not None:
         document.default_control.CopyFrom(default_control)
@@ -270,6 +324,69 @@ def _carried_constraints(previous: pb.IntentDocument | None) -> pb.SiteConstrain
     return None
 
 
+def _program_set(
+    previous: pb.IntentDocument | None, requested: tuple[ProgramRequest, ...] | None
+) -> dict[str, pb.Program]:
+    """The site's programs after this post (given = replace, else carried over), by id."""
+    programs: dict[str, pb.Program] = {}
+    if requested is None:
+        for carried in previous.programs if previous is not None else ():
+            copy = pb.Program()
+            copy.CopyFrom(carried)
+            programs[copy.program_id] = copy
+        return programs
+    for position, program in enumerate(requested):
+        where = f"programs[{position}] ({program.program_id})"
+        if not program.program_id:
+            raise InvalidIntentError(f"programs[{position}]: program_id is empty")
+        if program.program_id in programs:
+            raise InvalidIntentError(f"program_id {program.program_id!r} appears twice in programs")
+        if not 0 <= program.primacy <= _UINT32_MAX:
+            raise InvalidIntentError(f"{where}: primacy must be 0..{_UINT32_MAX} (lower wins)")
+        message = pb.Program(program_id=program.program_id, primacy=program.primacy)
+        if program.default_control is not None:
+            _check_controls(program.default_control, f"{where}.default_control")
+            message.default_control.CopyFrom(program.default_control.to_pb())
+        programs[program.program_id] = message
+    return programs
+
+
+def _with_implicit_default(
+    programs: dict[str, pb.Program],
+    events: Iterable[EventRequest],
+    carried: Iterable[pb.ControlEvent],
+) -> None:
+    """Add the implicit "default" program when an event uses it and the site does not define it."""
+    uses_default = any(not e.program_id for e in events) or any(
+        e.program_id == DEFAULT_PROGRAM_ID for e in carried
+    )
+    if uses_default and DEFAULT_PROGRAM_ID not in programs:
+        programs[DEFAULT_PROGRAM_ID] = pb.Program(
+            program_id=DEFAULT_PROGRAM_ID, primacy=DEFAULT_PROGRAM_PRIMACY
+        )
+
+
+def _follow_programs(kept: list[pb.ControlEvent], programs: dict[str, pb.Program]) -> None:
+    """Carried events keep their program, and take its current primacy."""
+    orphans: dict[str, list[str]] = {}
+    for event in kept:
+        if not event.program_id:
+            continue  # composed before programs existed: its own primacy stands
+        program = programs.get(event.program_id)
+        if program is None:
+            orphans.setdefault(event.program_id, []).append(event.event_id)
+        else:
+            event.primacy = program.primacy
+    if orphans:
+        program_id, event_ids = sorted(orphans.items())[0]
+        raise UnknownProgramError(
+            f"events not ended yet ({', '.join(repr(e) for e in event_ids)}) belong to",
+            program_id,
+            programs,
+            "keep the program in programs, or cancel or replace those events first",
+        )
+
+
 def compose_intent(
     basis: IntentBasis,
     request: IntentRequest,
@@ -283,10 +400,20 @@ def compose_intent(
     `scope_device_id` is set by the device route: `replace_events` then drops only that
     device's carried-over events.
     """
-    if not request.events and request.default_control is None and request.constraints is None:
+    if (
+        not request.events
+        and request.default_control is None
+        and request.constraints is None
+        and request.programs is None
+    ):
         raise InvalidIntentError(
-            "nothing to post: give at least one of events, default_control, constraints"
+            "nothing to post: give at least one of events, default_control, programs, constraints"
         )
+    programs = _program_set(basis.previous, request.programs)
+    drop = _drop_rule(request, scope_device_id)
+    kept = carried_events(basis.previous, now_ns, drop=drop)
+    _with_implicit_default(programs, request.events, kept)
+    _follow_programs(kept, programs)
     new_events: list[pb.ControlEvent] = []
     new_ids: set[str] = set()
     for position, event_request in enumerate(request.events):
@@ -303,6 +430,7 @@ def compose_intent(
                 event_id=event_id,
                 now_ns=now_ns,
                 position=position,
+                programs=programs,
             )
         )
     if request.default_control is not None:
@@ -323,19 +451,6 @@ def compose_intent(
                 f"soc_max_pct ({constraints.soc_max_pct})"
             )
 
-    drop: Callable[[pb.ControlEvent], bool] | None = None
-    if request.replace_events:
-        if scope_device_id is None:
-
-            def drop(_event: pb.ControlEvent) -> bool:
-                return True
-
-        else:
-
-            def drop(event: pb.ControlEvent) -> bool:
-                return event.device_id == scope_device_id
-
-    kept = carried_events(basis.previous, now_ns, drop=drop)
     for event in kept:
         if event.event_id in new_ids:
             raise EventConflictError(
@@ -355,7 +470,19 @@ def compose_intent(
         constraints=(
             constraints.to_pb() if constraints is not None else _carried_constraints(basis.previous)
         ),
+        programs=programs.values(),
     )
+
+
+def _drop_rule(
+    request: IntentRequest, scope_device_id: str | None
+) -> Callable[[pb.ControlEvent], bool] | None:
+    """Which carried-over events `replace_events` drops: all, or the device route's only."""
+    if not request.replace_events:
+        return None
+    if scope_device_id is None:
+        return lambda _event: True
+    return lambda event: event.device_id == scope_device_id
 
 
 def cancel_event(basis: IntentBasis, event_id: str, *, now_ns: int) -> pb.IntentDocument:
@@ -385,4 +512,5 @@ def cancel_event(basis: IntentBasis, event_id: str, *, now_ns: int) -> pb.Intent
         now_ns=now_ns,
         default_control=_carried_default(previous),
         constraints=_carried_constraints(previous),
+        programs=previous.programs,
     )

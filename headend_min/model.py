@@ -21,6 +21,9 @@ __all__ = [
     "DeviceRecord",
     "EventResponseRecord",
     "EventResponseRow",
+    "FlexibilityRecord",
+    "FlexibilityRow",
+    "ForecastPointRecord",
     "GatewayRecord",
     "HistoryCursor",
     "HistoryPage",
@@ -234,6 +237,9 @@ class EventResponseRecord:
     status: int  # ResponseStatus
     reason: str
     time_ns: int
+    # The event's window as that gateway executes it (after its randomization), when reported.
+    effective_start_ns: int | None = None
+    effective_end_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +247,31 @@ class ReportedStateRecord:
     gateway_id: str
     seq: int
     state: pb.ReportedState
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastPointRecord:
+    offset_s: int  # after FlexibilityRecord.time_ns
+    pv_w: float | None  # None = the gateway had no basis to forecast (NaN on the wire)
+    load_w: float | None
+    battery_energy_wh: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FlexibilityRecord:
+    """A gateway's site flexibility report (dergw.v1.Flexibility); None where it sent NaN."""
+
+    gateway_id: str
+    seq: int
+    time_ns: int
+    up_w: float | None
+    down_w: float | None
+    pv_w: float | None
+    load_w: float | None
+    battery_w: float | None
+    battery_energy_wh: float | None
+    battery_capacity_wh: float | None
+    forecast: tuple[ForecastPointRecord, ...]  # by offset, ascending
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +353,8 @@ class EventResponseRow(NamedTuple):
     status: int
     reason: str
     time_ns: int
+    effective_start_ns: int | None
+    effective_end_ns: int | None
 
 
 class IntentStatusRow(NamedTuple):
@@ -352,6 +385,15 @@ class DecisionRow(NamedTuple):
     payload: bytes
 
 
+class FlexibilityRow(NamedTuple):
+    gateway_id: str
+    seq: int
+    time_ns: int
+    up_w: float | None
+    down_w: float | None
+    payload: bytes  # the Flexibility message, serialized (forecast points stay packed)
+
+
 class UnknownRecordRow(NamedTuple):
     """A record kind this headend does not know yet (additive v1 change): kept, not lost."""
 
@@ -372,4 +414,5 @@ class TelemetryRows:
     intent_statuses: list[IntentStatusRow] = field(default_factory=list)
     reported_states: list[ReportedStateRow] = field(default_factory=list)
     decisions: list[DecisionRow] = field(default_factory=list)
+    flexibility: list[FlexibilityRow] = field(default_factory=list)
     unknown: list[UnknownRecordRow] = field(default_factory=list)

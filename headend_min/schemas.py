@@ -10,6 +10,7 @@ All timestamps are ISO-8601 UTC (`...Z`) on output; on input a time without an o
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Literal
 
@@ -17,12 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dergw.v1 import MAX_ABS_WATTS, MAX_ID_LENGTH, MAX_RANDOMIZE_S, ns_from_timestamp, pb
 from headend_min.clock import datetime_from_ns, ns_from_datetime
-from headend_min.fleet import FeederSummary, GatewayIntentProgress
+from headend_min.fleet import FeederSummary, FlexibilitySummary, GatewayIntentProgress
 from headend_min.ingest import wire_enum_label
-from headend_min.intents import ConstraintValues, ControlValues, EventRequest, IntentRequest
+from headend_min.intents import (
+    DEFAULT_PROGRAM_ID,
+    DEFAULT_PROGRAM_PRIMACY,
+    ConstraintValues,
+    ControlValues,
+    EventRequest,
+    IntentRequest,
+    ProgramRequest,
+)
 from headend_min.model import (
     DeviceRecord,
     EventResponseRecord,
+    FlexibilityRecord,
     GatewayRecord,
     HistoryPoint,
     LatestPoint,
@@ -107,7 +117,17 @@ class EventIn(_Request):
     )
     start: datetime | None = Field(None, description="ISO-8601; absent = now; no offset = UTC")
     duration_s: int = Field(gt=0, le=_UINT32_MAX)
-    primacy: int = Field(1, ge=0, le=_UINT32_MAX, description="lower wins")
+    program_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=_ID_PATTERN,
+        description=(
+            "the program the event belongs to; its primacy is the program's (lower wins). "
+            f"Absent = program {DEFAULT_PROGRAM_ID!r} (primacy {DEFAULT_PROGRAM_PRIMACY} "
+            "unless `programs` defines it)"
+        ),
+    )
     device_id: str | None = Field(
         None, min_length=1, max_length=MAX_ID_LENGTH, description="absent = the whole site"
     )
@@ -121,15 +141,34 @@ class EventIn(_Request):
             duration_s=self.duration_s,
             event_id=self.event_id,
             start_ns=ns_from_datetime(self.start) if self.start is not None else None,
-            primacy=self.primacy,
+            program_id=self.program_id,
             device_id=self.device_id,
             randomize_start_s=self.randomize_start_s,
             randomize_duration_s=self.randomize_duration_s,
         )
 
 
+class ProgramIn(_Request):
+    """An IEEE 2030.5-style program: a primacy and the default control of its events' modes."""
+
+    program_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
+    primacy: int = Field(ge=0, le=_UINT32_MAX, description="lower wins, for events and defaults")
+    default_control: ControlsIn | None = Field(
+        None, description="used for a mode no event asks for (lowest primacy first)"
+    )
+
+    def to_request(self) -> ProgramRequest:
+        return ProgramRequest(
+            program_id=self.program_id,
+            primacy=self.primacy,
+            default_control=(
+                self.default_control.to_values() if self.default_control is not None else None
+            ),
+        )
+
+
 class IntentPostIn(_Request):
-    """Body of an intent post; at least one of events, default_control, constraints."""
+    """Body of an intent post; at least one of events, default_control, programs, constraints."""
 
     events: list[EventIn] = Field(default_factory=list, max_length=100)
     default_control: ControlsIn | None = Field(
@@ -141,6 +180,12 @@ class IntentPostIn(_Request):
     replace_events: bool = Field(
         False, description="drop the not-yet-ended events of the previous version (of the scope)"
     )
+    programs: list[ProgramIn] | None = Field(
+        None,
+        max_length=100,
+        description="replaces the previous programs (absent = carried over); "
+        "the default control above applies under all of them",
+    )
 
     def to_request(self) -> IntentRequest:
         return IntentRequest(
@@ -150,6 +195,11 @@ class IntentPostIn(_Request):
             ),
             constraints=self.constraints.to_values() if self.constraints is not None else None,
             replace_events=self.replace_events,
+            programs=(
+                tuple(program.to_request() for program in self.programs)
+                if self.programs is not None
+                else None
+            ),
         )
 
 
@@ -310,6 +360,18 @@ class AvailabilityOut(BaseModel):
     reason: str
 
 
+class ActiveModeOut(BaseModel):
+    """One control mode in force and where it comes from."""
+
+    device_id: str | None = Field(description="null = the whole site")
+    mode: str = Field(description="e.g. export_limit_w, max_gen_pct, connect")
+    value: float | None = Field(description="booleans as 0 / 1")
+    source: str = Field(description="EVENT | DEFAULT | FALLBACK | OVERRIDE")
+    event_id: str | None
+    program_id: str | None
+    label: str = Field(description="human form, e.g. 'event e7 (program utility)'")
+
+
 class ReportedStateOut(BaseModel):
     """What the gateway enforces, as measured at the edge (never written by the headend)."""
 
@@ -318,9 +380,13 @@ class ReportedStateOut(BaseModel):
     time: datetime | None
     intent_version: int
     active_event_id: str | None = Field(description="null = default control or fallback")
+    active_event_ids: list[str] = Field(description="every event in force, site and device")
     source: str
-    setpoints: list[SetpointOut]
+    active_modes: list[ActiveModeOut] = Field(description="the active control, mode by mode")
+    setpoints: list[SetpointOut] = Field(description="each setpoint and the limits that bound it")
     devices: list[AvailabilityOut]
+    clock_trusted: bool = Field(description="false: scheduled events are not started")
+    notes: list[str] = Field(description="conditions in force, e.g. PCC meter stale")
 
     @classmethod
     def of(cls, record: ReportedStateRecord) -> ReportedStateOut:
@@ -331,12 +397,29 @@ class ReportedStateOut(BaseModel):
             time=_time(ns_from_timestamp(state.time)),
             intent_version=state.intent_version,
             active_event_id=state.active_event_id or None,
+            active_event_ids=list(state.active_event_ids),
             source=wire_enum_label(pb.ControlSource.DESCRIPTOR, state.source, "CONTROL_SOURCE_"),
+            active_modes=[
+                ActiveModeOut(
+                    device_id=m.device_id or None,
+                    mode=m.mode,
+                    value=None if math.isnan(m.value) else m.value,
+                    source=wire_enum_label(
+                        pb.ControlSource.DESCRIPTOR, m.source, "CONTROL_SOURCE_"
+                    ),
+                    event_id=m.event_id or None,
+                    program_id=m.program_id or None,
+                    label=m.label,
+                )
+                for m in state.active_modes
+            ],
             setpoints=[SetpointOut.of(s) for s in state.setpoints],
             devices=[
                 AvailabilityOut(device_id=d.device_id, available=d.available, reason=d.reason)
                 for d in state.devices
             ],
+            clock_trusted=state.clock_trusted,
+            notes=list(state.notes),
         )
 
 
@@ -450,7 +533,8 @@ class EventOut(BaseModel):
     duration_s: int
     randomize_start_s: int
     randomize_duration_s: int
-    primacy: int
+    primacy: int = Field(description="its program's primacy (lower wins)")
+    program_id: str | None = Field(description="null = composed before programs existed")
     device_id: str | None = Field(description="null = the whole site")
     controls: ControlsOut
     status: str
@@ -467,9 +551,28 @@ class EventOut(BaseModel):
             randomize_start_s=event.randomize_start_s,
             randomize_duration_s=event.randomize_duration_s,
             primacy=event.primacy,
+            program_id=event.program_id or None,
             device_id=event.device_id or None,
             controls=ControlsOut.of(event.controls),
             status=wire_enum_label(pb.EventStatus.DESCRIPTOR, event.status, "EVENT_STATUS_"),
+        )
+
+
+class ProgramOut(BaseModel):
+    program_id: str
+    primacy: int = Field(description="lower wins")
+    default_control: ControlsOut | None
+
+    @classmethod
+    def of(cls, program: pb.Program) -> ProgramOut:
+        return cls(
+            program_id=program.program_id,
+            primacy=program.primacy,
+            default_control=(
+                ControlsOut.of(program.default_control)
+                if program.HasField("default_control")
+                else None
+            ),
         )
 
 
@@ -478,8 +581,9 @@ class IntentDocumentOut(BaseModel):
     version: int
     issued_at: datetime | None
     events: list[EventOut]
-    default_control: ControlsOut | None
+    default_control: ControlsOut | None = Field(description="the base default, under programs")
     constraints: ConstraintsOut | None
+    programs: list[ProgramOut]
 
     @classmethod
     def of(cls, document: pb.IntentDocument) -> IntentDocumentOut:
@@ -498,6 +602,7 @@ class IntentDocumentOut(BaseModel):
                 if document.HasField("constraints")
                 else None
             ),
+            programs=[ProgramOut.of(program) for program in document.programs],
         )
 
 
@@ -580,6 +685,10 @@ class EventResponseOut(BaseModel):
     status_code: int
     reason: str
     time: datetime | None
+    effective_start: datetime | None = Field(
+        None, description="when this gateway executes the event (after its randomization)"
+    )
+    effective_end: datetime | None = None
 
     @classmethod
     def of(cls, record: EventResponseRecord) -> EventResponseOut:
@@ -593,7 +702,115 @@ class EventResponseOut(BaseModel):
             status_code=record.status,
             reason=record.reason,
             time=_time(record.time_ns),
+            effective_start=_time(record.effective_start_ns),
+            effective_end=_time(record.effective_end_ns),
         )
+
+
+class ForecastPointOut(BaseModel):
+    offset_s: int = Field(description="seconds after the report's time")
+    time: datetime | None
+    pv_w: float | None = Field(description="available PV; null = no basis to forecast")
+    load_w: float | None
+    battery_energy_wh: float | None = Field(description="stored energy above the SoC floor")
+
+
+class FlexibilityOut(BaseModel):
+    """One gateway's newest flexibility report (what its site can do now, and next)."""
+
+    gateway_id: str
+    seq: int
+    time: datetime | None
+    online: bool
+    counted: bool = Field(description="online and recent: included in the totals")
+    up_w: float | None = Field(description="more net generation available now (W)")
+    down_w: float | None = Field(description="less net generation available now (W)")
+    pv_w: float | None
+    load_w: float | None = Field(description="PCC + PV + battery; null without a fresh meter")
+    battery_w: float | None = Field(description="+ discharge / - charge")
+    battery_energy_wh: float | None = Field(description="stored energy above the SoC floor")
+    battery_capacity_wh: float | None = Field(description="usable, SoC floor to ceiling")
+    forecast: list[ForecastPointOut]
+
+    @classmethod
+    def of(cls, record: FlexibilityRecord, *, online: bool, counted: bool) -> FlexibilityOut:
+        return cls(
+            gateway_id=record.gateway_id,
+            seq=record.seq,
+            time=_time(record.time_ns),
+            online=online,
+            counted=counted,
+            up_w=record.up_w,
+            down_w=record.down_w,
+            pv_w=record.pv_w,
+            load_w=record.load_w,
+            battery_w=record.battery_w,
+            battery_energy_wh=record.battery_energy_wh,
+            battery_capacity_wh=record.battery_capacity_wh,
+            forecast=[
+                ForecastPointOut(
+                    offset_s=point.offset_s,
+                    time=_time(record.time_ns + point.offset_s * 1_000_000_000),
+                    pv_w=point.pv_w,
+                    load_w=point.load_w,
+                    battery_energy_wh=point.battery_energy_wh,
+                )
+                for point in record.forecast
+            ],
+        )
+
+
+class ForecastSumOut(BaseModel):
+    horizon_s: int = Field(description="seconds from now")
+    pv_w: float
+    load_w: float
+    battery_energy_wh: float
+    gateways: int = Field(description="how many counted reports reach this horizon")
+
+
+class FlexibilitySummaryOut(BaseModel):
+    """Flexibility summed over the recent reports of online gateways (unknown values left out)."""
+
+    gateways_reporting: int
+    up_w: float = Field(description="more net generation available now (W)")
+    down_w: float = Field(description="less net generation available now (W)")
+    pv_w: float
+    load_w: float
+    battery_w: float
+    battery_energy_wh: float
+    battery_capacity_wh: float
+    forecast: list[ForecastSumOut] = Field(description="sums at +15 min and +4 h from now")
+    oldest_report: datetime | None
+
+    @classmethod
+    def of(cls, summary: FlexibilitySummary) -> FlexibilitySummaryOut:
+        return cls(
+            gateways_reporting=summary.gateways_reporting,
+            up_w=summary.up_w,
+            down_w=summary.down_w,
+            pv_w=summary.pv_w,
+            load_w=summary.load_w,
+            battery_w=summary.battery_w,
+            battery_energy_wh=summary.battery_energy_wh,
+            battery_capacity_wh=summary.battery_capacity_wh,
+            forecast=[
+                ForecastSumOut(
+                    horizon_s=point.horizon_s,
+                    pv_w=point.pv_w,
+                    load_w=point.load_w,
+                    battery_energy_wh=point.battery_energy_wh,
+                    gateways=point.gateways,
+                )
+                for point in summary.forecast
+            ],
+            oldest_report=_time(summary.oldest_report_ns),
+        )
+
+
+class SiteFlexibilityOut(BaseModel):
+    site_id: str
+    totals: FlexibilitySummaryOut
+    gateways: list[FlexibilityOut] = Field(description="the newest report of each gateway")
 
 
 class FeederOut(BaseModel):
@@ -606,6 +823,7 @@ class FeederOut(BaseModel):
     devices_online: int
     current_output_w: float = Field(description="sum of the latest GOOD W of online PV+battery")
     enrolled_capacity_w: float = Field(description="sum of nameplate max W of PV+battery")
+    flexibility: FlexibilitySummaryOut
 
     @classmethod
     def of(cls, summary: FeederSummary) -> FeederOut:
@@ -619,4 +837,5 @@ class FeederOut(BaseModel):
             devices_online=summary.devices_online,
             current_output_w=summary.current_output_w,
             enrolled_capacity_w=summary.enrolled_capacity_w,
+            flexibility=FlexibilitySummaryOut.of(summary.flexibility),
         )

@@ -163,4 +163,38 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX intent_deliveries_by_site ON intent_deliveries (site_id, version)",
         ),
     ),
+    Migration(
+        2,
+        "site flexibility reports",
+        (
+            # Every report, deduped like the other records (the forecast stays packed in the
+            # serialized Flexibility)...
+            """CREATE TABLE flexibility (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                up_w REAL,
+                down_w REAL,
+                payload BLOB NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            # ...and the newest per gateway, which the site and feeder views read.
+            """CREATE TABLE latest_flexibility (
+                gateway_id TEXT PRIMARY KEY,
+                seq INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                up_w REAL,
+                down_w REAL,
+                payload BLOB NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+    ),
+    Migration(
+        3,
+        "event responses carry the event's effective window at the gateway",
+        (
+            "ALTER TABLE event_responses ADD COLUMN effective_start_ns INTEGER",
+            "ALTER TABLE event_responses ADD COLUMN effective_end_ns INTEGER",
+        ),
+    ),
 )

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from dergw.v1 import ns_from_timestamp, pb
-from headend_min.ingest import sample_points
+from headend_min.ingest import flexibility_record, sample_points
 from headend_min.model import (
     DeviceInfo,
     DeviceRecord,
     EventResponseRecord,
+    FlexibilityRecord,
     GatewayRecord,
     HistoryCursor,
     HistoryPage,
@@ -414,7 +415,8 @@ class SqliteStore:
             if rows.event_responses:
                 tx.executemany(
                     "INSERT OR IGNORE INTO event_responses (gateway_id, seq, intent_version, "
-                    "event_id, status, reason, time_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "event_id, status, reason, time_ns, effective_start_ns, effective_end_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows.event_responses,
                 )
             if rows.intent_statuses:
@@ -435,6 +437,21 @@ class SqliteStore:
                     "INSERT OR IGNORE INTO decisions (gateway_id, seq, time_ns, summary, payload) "
                     "VALUES (?, ?, ?, ?, ?)",
                     rows.decisions,
+                )
+            if rows.flexibility:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO flexibility (gateway_id, seq, time_ns, up_w, down_w, "
+                    "payload) VALUES (?, ?, ?, ?, ?, ?)",
+                    rows.flexibility,
+                )
+                # Newest seq wins, so a replayed older batch cannot roll the report back.
+                tx.execute(
+                    "INSERT INTO latest_flexibility (gateway_id, seq, time_ns, up_w, down_w, "
+                    "payload) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id) DO UPDATE SET "
+                    "seq = excluded.seq, time_ns = excluded.time_ns, up_w = excluded.up_w, "
+                    "down_w = excluded.down_w, payload = excluded.payload "
+                    "WHERE excluded.seq > latest_flexibility.seq",
+                    max(rows.flexibility, key=lambda row: row.seq),
                 )
             if rows.unknown:
                 tx.executemany(
@@ -728,7 +745,8 @@ class SqliteStore:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self._conn.execute(
             "SELECT e.gateway_id, g.site_id, e.seq, e.intent_version, e.event_id, e.status, "
-            "e.reason, e.time_ns FROM event_responses e "
+            "e.reason, e.time_ns, e.effective_start_ns, e.effective_end_ns "
+            "FROM event_responses e "
             f"JOIN gateways g ON g.gateway_id = e.gateway_id {where} "
             "ORDER BY e.time_ns DESC, e.gateway_id, e.seq DESC LIMIT ?",
             (*params, limit),
@@ -747,6 +765,18 @@ class SqliteStore:
             ReportedStateRecord(gateway_id, seq, pb.ReportedState.FromString(payload))
             for gateway_id, seq, payload in rows
         ]
+
+    def _latest_flexibility_sync(self, site_id: str | None) -> list[FlexibilityRecord]:
+        sql = (
+            "SELECT f.gateway_id, f.seq, f.payload FROM latest_flexibility f "
+            "JOIN gateways g ON g.gateway_id = f.gateway_id"
+        )
+        params: tuple[object, ...] = ()
+        if site_id is not None:
+            sql += " WHERE g.site_id = ?"
+            params = (site_id,)
+        rows = self._conn.execute(sql + " ORDER BY f.gateway_id", params).fetchall()
+        return [flexibility_record(gateway_id, seq, payload) for gateway_id, seq, payload in rows]
 
     # -- the Store protocol ---------------------------------------------------------------------
 
@@ -833,3 +863,6 @@ class SqliteStore:
 
     async def latest_reported_states(self, site_id: str) -> list[ReportedStateRecord]:
         return await self._call(self._latest_reported_states_sync, site_id)
+
+    async def latest_flexibility(self, site_id: str | None = None) -> list[FlexibilityRecord]:
+        return await self._call(self._latest_flexibility_sync, site_id)

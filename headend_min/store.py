@@ -24,6 +24,7 @@ from dergw.v1 import pb
 from headend_min.model import (
     DeviceRecord,
     EventResponseRecord,
+    FlexibilityRecord,
     GatewayRecord,
     HistoryPage,
     HistoryQuery,
@@ -171,4 +172,8 @@ class Store(Protocol):
 
     async def latest_reported_states(self, site_id: str) -> list[ReportedStateRecord]:
         """The newest ReportedState of each gateway of the site."""
+        ...
+
+    async def latest_flexibility(self, site_id: str | None = None) -> list[FlexibilityRecord]:
+        """The newest Flexibility report of each gateway (of the site, or of the fleet)."""
         ...

@@ -22,6 +22,7 @@ RECORD_TABLES = (
     "intent_statuses",
     "reported_states",
     "decisions",
+    "flexibility",
     "unknown_records",
 )
 
@@ -36,7 +37,9 @@ def _outbox_stats(state_dir: Path) -> tuple[int, int]:
 def _headend_seqs(db_path: Path, gateway_id: str) -> list[int]:
     union = " UNION ALL ".join(f"SELECT seq FROM {t} WHERE gateway_id = ?" for t in RECORD_TABLES)
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        rows = conn.execute(f"SELECT seq FROM ({union}) ORDER BY seq", (gateway_id,) * 6)
+        rows = conn.execute(
+            f"SELECT seq FROM ({union}) ORDER BY seq", (gateway_id,) * len(RECORD_TABLES)
+        )
         return [row[0] for row in rows]
 
 

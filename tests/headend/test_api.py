@@ -7,6 +7,7 @@ import math
 import pytest
 
 from dergw.v1 import pb
+from headend_min.sqlite_schema import MIGRATIONS
 from tests.headend.fake_gateway import (
     device,
     event_response_record,
@@ -29,7 +30,7 @@ async def test_openapi_and_docs_are_served(headend: RunningHeadend) -> None:
     assert docs.status_code == 200
     health = (await headend.http.get("/healthz")).json()
     assert health["status"] == "ok"
-    assert health["schema_version"] == 1
+    assert health["schema_version"] == MIGRATIONS[-1].version
     assert health["server_time"].endswith("Z")
 
 
@@ -170,6 +171,74 @@ async def test_versions_merge_carry_and_replace(headend: RunningHeadend) -> None
     )
     assert response.status_code == 422
     assert "bat-1" in response.json()["detail"]
+
+
+async def test_programs_give_events_their_primacy(headend: RunningHeadend) -> None:
+    gateway = headend.gateway()
+    await gateway.connect()
+    http = headend.http
+    unknown = await http.post(
+        "/sites/site-1/intents", json={"events": [{**_EVENT, "program_id": "utility"}]}
+    )
+    assert unknown.status_code == 422
+    assert "'utility'" in unknown.json()["detail"]
+    assert "'default'" in unknown.json()["detail"]  # the advice names the implicit program
+
+    programs = [
+        {"program_id": "utility", "primacy": 1, "default_control": {"export_limit_w": 3000}},
+        {"program_id": "aggregator", "primacy": 2},
+    ]
+    v1 = await http.post(
+        "/sites/site-1/intents",
+        json={
+            "programs": programs,
+            "events": [
+                {**_EVENT, "event_id": "agg", "program_id": "aggregator"},
+                {**_EVENT, "event_id": "plain"},
+            ],
+        },
+    )
+    assert v1.status_code == 201, v1.text
+    document = v1.json()["document"]
+    assert [(p["program_id"], p["primacy"]) for p in document["programs"]] == [
+        ("utility", 1),
+        ("aggregator", 2),
+        ("default", 1),
+    ]
+    assert document["programs"][0]["default_control"]["export_limit_w"] == 3000
+    assert document["programs"][1]["default_control"] is None
+    assert [(e["event_id"], e["program_id"], e["primacy"]) for e in document["events"]] == [
+        ("agg", "aggregator", 2),
+        ("plain", "default", 1),
+    ]
+    sent = await gateway.next_intent()
+    assert [(p.program_id, p.primacy) for p in sent.programs] == [
+        ("utility", 1),
+        ("aggregator", 2),
+        ("default", 1),
+    ]
+    assert [e.program_id for e in sent.events] == ["aggregator", "default"]
+
+    # Cancel keeps the programs; GET shows them and each event's program.
+    cancelled = await http.post("/sites/site-1/events/agg/cancel")
+    assert cancelled.status_code == 201, cancelled.text
+    listed = (await http.get("/sites/site-1/intents/2")).json()["document"]
+    assert listed["programs"] == document["programs"]
+    assert [(e["event_id"], e["program_id"], e["status"]) for e in listed["events"]] == [
+        ("agg", "aggregator", "CANCELLED"),
+        ("plain", "default", "SCHEDULED"),
+    ]
+    # A post that would drop a program a live event uses is refused, naming both.
+    dropped = await http.post("/sites/site-1/intents", json={"programs": programs[:1]})
+    assert dropped.status_code == 422
+    assert "'aggregator'" in dropped.json()["detail"]
+    assert "'agg'" in dropped.json()["detail"]
+    # The device route takes no programs.
+    device_route = await http.post(
+        "/sites/site-1/devices/pv-1/intents", json={"events": [_EVENT], "programs": programs}
+    )
+    assert device_route.status_code == 422
+    assert "programs" in device_route.json()["detail"]
 
 
 async def test_cancel_event(headend: RunningHeadend) -> None:
@@ -424,6 +493,9 @@ async def test_feeder_aggregation(headend: RunningHeadend) -> None:
 
     await async_wait_until(c_offline, timeout_s=2.0, what="gw-c to read as offline")
     result = await feeders()
+    nothing_reported = result["fdr-1"].pop("flexibility")
+    assert nothing_reported["gateways_reporting"] == 0
+    assert nothing_reported["up_w"] == 0.0
     assert result["fdr-1"] == {
         "substation": "sub-1",
         "feeder": "fdr-1",

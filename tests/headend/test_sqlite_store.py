@@ -42,7 +42,7 @@ async def test_schema_is_migrated_once(tmp_path: Path) -> None:
     await store.close()
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT version FROM schema_migrations").fetchall()
-        assert rows == [(1,)]
+        assert rows == [(m.version,) for m in MIGRATIONS]
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         db.execute("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     with pytest.raises(SchemaTooNewError, match="99"):
