@@ -127,6 +127,28 @@ class Bench:
         self.headend = await _start_headend(self.workdir, self.grpc_target, http_addr)
         await _wait_headend_ready(self.headend)
 
+    async def stop_headend(self) -> None:
+        """Stop the headend (an outage); `restart_headend()` brings it back on the same ports."""
+        if self.headend is not None:
+            await self.headend.stop()
+
+    def signal_gateway(self, signum: int) -> None:
+        """Send a signal to the gateway process (SIGSTOP freezes it, SIGCONT resumes it)."""
+        if self.gateway is None or not self.gateway.running:
+            raise BenchError("the gateway is not running")
+        self.gateway.process.send_signal(signum)
+
+    async def kill_gateway(self) -> None:
+        """kill -9 the gateway: no chance to clean up."""
+        if self.gateway is not None:
+            await self.gateway.kill()
+
+    async def restart_gateway(self) -> ManagedProcess:
+        """Stop the gateway (SIGTERM; no-op if already dead) and start it again."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+        return await self.start_gateway()
+
     async def start_gateway(self) -> ManagedProcess:
         assert self.gateway_config is not None
         self.gateway = await _spawn(
@@ -235,10 +257,21 @@ def gateway_config_text(
     control_period_s: float = 0.5,
     poll_period_s: float = 0.5,
     revert_timeout_s: int = 30,
+    refresh_s: float | None = None,
     raw_points: bool = False,
     extra_site: str = "",
+    extra_control: str = "",
+    extra_config: str = "",
+    poll_periods: dict[str, float] | None = None,
 ) -> str:
-    """A gateway config (TOML) for the bench's simulated site."""
+    """A gateway config (TOML) for the bench's simulated site.
+
+    extra_site / extra_control: TOML lines added to the [site] / [control] tables (e.g.
+    "export_limit_w = 5000", "soc_min_pct = 20"); extra_config: whole tables appended at the
+    end (e.g. "[control.fallback]" or "[[control.interlocks]]" with their keys);
+    poll_periods: per-device poll periods overriding poll_period_s.
+    """
+    refresh = refresh_s if refresh_s is not None else max(1, revert_timeout_s // 3)
     lines = [
         "# Written by the HIL bench for one run.",
         "[gateway]",
@@ -261,7 +294,8 @@ def gateway_config_text(
         "[control]",
         f"period_s = {control_period_s}",
         f"revert_timeout_s = {revert_timeout_s}",
-        f"refresh_s = {max(1, revert_timeout_s // 3)}",
+        f"refresh_s = {refresh}",
+        extra_control,
         "",
     ]
     for device in bench.spec.devices:
@@ -271,7 +305,7 @@ def gateway_config_text(
             f'id = "{device.id}"',
             f'kind = "{device.kind}"',
             'driver = "sunspec-modbus"',
-            f"poll_period_s = {poll_period_s}",
+            f"poll_period_s = {(poll_periods or {}).get(device.id, poll_period_s)}",
         ]
         if device.role:
             lines.append(f'role = "{device.role}"')
@@ -283,6 +317,7 @@ def gateway_config_text(
             f"raw_points = {'true' if raw_points else 'false'}",
             "",
         ]
+    lines.append(extra_config)
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ from hil.scenarios.harness import Bench, BenchError, open_bench
 from hil.scenarios.report import ScenarioResult
 from hil.site import SiteFileError, load_site
 
-__all__ = ["SCENARIOS", "demo_main", "main"]
+__all__ = ["SCENARIOS", "Scenario", "demo_main", "main", "run_scenario"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,15 @@ async def _run(
             )
             await asyncio.Event().wait()  # until SIGINT/SIGTERM cancels the run
         return result
+
+
+async def run_scenario(
+    name: str, *, workdir: Path, site_file: Path | None = None, out: TextIO | None = None
+) -> ScenarioResult:
+    """Run scenario `name` in this process's event loop (tests use this; the CLI wraps it)."""
+    if name not in SCENARIOS:
+        raise BenchError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    return await _run(SCENARIOS[name], site_file=site_file, workdir=workdir, out=out or sys.stdout)
 
 
 def _execute(
