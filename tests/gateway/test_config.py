@@ -615,3 +615,46 @@ def test_dispatcher_routes_to_check_config(
     assert cli.main(["check-config", str(_write(tmp_path, BASE))]) == 0
     assert "devices  0" in capsys.readouterr().out
     assert cli.main(["check-config", str(tmp_path / "absent.toml")]) == 1
+
+
+# -- interlocks and the kernel's tuning -----------------------------------------------------------
+
+
+def test_interlocks_are_validated(tmp_path: Path) -> None:
+    text = (
+        BASE
+        + PV
+        + PCC
+        + """
+[[control.interlocks]]
+name = "zero export relay"
+export_limit_w = 0
+
+[[control.interlocks]]
+name = "ghost"
+device = "pv-9"
+max_gen_pct = 50
+
+[[control.interlocks]]
+name = "empty"
+"""
+    )
+    assert _problems(tmp_path, text) == [
+        "control.interlocks[2]: an interlock must set at least one limit (or connect = false)",
+    ]
+    fixed = text.replace('[[control.interlocks]]\nname = "empty"\n', "")
+    assert _problems(tmp_path, fixed) == [
+        "control.interlocks[1].device: unknown device 'pv-9'; devices: meter-1, pv-1",
+    ]
+
+
+def test_an_interlock_cannot_force_a_connection(tmp_path: Path) -> None:
+    text = BASE + PV + '\n[[control.interlocks]]\nname = "x"\nconnect = true\n'
+    (problem,) = _problems(tmp_path, text)
+    assert problem.startswith("control.interlocks[0].connect:")
+
+
+def test_soc_window_must_be_a_window(tmp_path: Path) -> None:
+    assert _problems(tmp_path, _set("control", "soc_min_pct = 90\nsoc_max_pct = 80")) == [
+        "control.soc_min_pct: must be below soc_max_pct = 80 %",
+    ]
