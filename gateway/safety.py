@@ -756,10 +756,26 @@ def _run_loops(
     deadband_w = min(max(policy.export_deadband_w, 0.0), margin_w)
     gain = min(max(policy.export_relax_gain, 0.0), 1.0)
     pcc_w = _known(site.pcc_w)
+    # The PCC reading measures load only net of every generator's output: while a steerable
+    # device's output is unknown (a stale or failed reading) a sample would count its
+    # generation as negative load, and the loop would learn a phantom (found in HIL: caps fell
+    # to 0 W after a frozen gateway resumed). Such cycles hold the loop and take no sample.
+    blind = sorted(
+        device.device_id
+        for device in devices.values()
+        if device.device_id not in steered_ids
+        and not device.available
+        and _known(device.measured_w) is None
+        and _steerable_kind(device)
+    )
     held = False
-    samples: tuple[tuple[int, float], ...] = ()
+    samples: tuple[tuple[int, float], ...] = state.samples if blind else ()
     latest_w = mean_w = 0.0
-    if pcc_w is not None:
+    if pcc_w is not None and blind:
+        held = True
+        loop.notes.append(f"PCC loop held: output of {', '.join(blind)} unknown")
+        mode = "closed loop, held: a device's output unknown"
+    elif pcc_w is not None:
         sample_ns = site.pcc_mono_ns if site.pcc_mono_ns is not None else site.now_mono_ns
         samples, net = observe(
             state.samples,
@@ -809,6 +825,14 @@ def _run_loops(
             )
         elif held and previous is not None:
             budget = previous
+        elif blind:
+            # Nothing learned yet and a device blind: the open-loop bound, as for a stale meter.
+            budget = (
+                export_limit.watts
+                + policy.assumed_min_load_w
+                - _uncontrolled_generation_w(devices, steered_ids)
+                - margin_w
+            )
         else:
             budget = next_upper_bound(
                 previous,
@@ -828,8 +852,8 @@ def _run_loops(
     if import_limit is not None:
         previous = state.import_floor_w
         floor: float | None
-        if pcc_w is None:
-            floor = previous  # nothing to measure against: hold what was needed
+        if pcc_w is None or (blind and previous is None):
+            floor = previous  # nothing (trustworthy) to measure against: hold what was needed
         elif held and previous is not None:
             floor = previous
         else:
@@ -853,6 +877,13 @@ def _run_loops(
     )
     loop.import_rank = import_rank
     return loop
+
+
+def _steerable_kind(device: DeviceState) -> bool:
+    """A device the PCC loop would steer if it were available."""
+    if device.kind is DeviceKind.PV:
+        return Control.GENERATION_CAP in device.controls and device.max_w > 0.0
+    return device.kind is DeviceKind.BATTERY and Control.ACTIVE_POWER in device.controls
 
 
 def _in_loop(draft: _Draft) -> bool:

@@ -30,6 +30,7 @@ class DeviceSlot:
     last_good: Reading | None = None
     last_read_ok: bool = False
     last_error: str = "not connected yet"
+    last_read_mono_ns: int | None = None  # when the last read (good or bad) completed
 
     def age_s(self, now_mono_ns: int) -> float | None:
         if self.last_good is None:
@@ -53,6 +54,7 @@ class SiteSnapshot:
 
     def update(self, reading: Reading) -> None:
         slot = self._slots[reading.device_id]
+        slot.last_read_mono_ns = reading.mono_ns
         if reading.ok:
             slot.last_good = reading
             slot.last_read_ok = True
@@ -73,6 +75,14 @@ class SiteSnapshot:
         if age > self.stale_periods * slot.poll_period_s:
             return None
         return slot.last_good
+
+    def read_since(self, mono_ns: int) -> bool:
+        """Has every discovered device been read (successfully or not) since `mono_ns`?"""
+        return all(
+            slot.last_read_mono_ns is not None and slot.last_read_mono_ns >= mono_ns
+            for slot in self._slots.values()
+            if slot.info is not None
+        )
 
     def availability(self, device_id: str, now_mono_ns: int) -> tuple[bool, str]:
         slot = self._slots[device_id]

@@ -69,6 +69,12 @@ log = logging.getLogger(__name__)
 NS_PER_S = 1_000_000_000
 # Reported state goes upstream at least this often even when nothing changes.
 REPORT_EVERY_S = 10.0
+# ...and when why a setpoint is bound changes (an SoC guard engages, a limit takes over), at
+# most this often: some reasons carry live figures (a BMS limit, a ramp rate).
+REASONS_REPORT_MIN_S = 1.0
+# A cycle later than this many periods means the process was stalled (paused, starved): every
+# reading is then stale because of us, not the devices, and deciding on them would be wrong.
+STALL_PERIODS = 3
 # A setpoint change smaller than this (and than 0.5 % of the rating) is not worth a write.
 MIN_CHANGE_W = 20.0
 
@@ -160,6 +166,8 @@ class ControlLoop:
         self._withdrawn: dict[str, frozenset[str]] = {}
         self._status_sent: tuple[int, int, bool] | None = None
         self._last_report_mono_ns: int | None = None
+        # Each setpoint's bound_by as last reported upstream.
+        self._reported_reasons: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self.active: ActiveControls | None = None
         self._kernel_state = KernelState()  # the safety kernel's memory between cycles
         self._policy = _kernel_policy(config)
@@ -183,6 +191,8 @@ class ControlLoop:
         self._clock_watch = ClockWatch()
         self._offline_for_s = offline_for_s
         self._flex = flex
+        self._last_step_mono_ns: int | None = None
+        self._resume_mono_ns: int | None = None  # set while waiting for fresh readings
         self.overrides = OverrideBook()
         self.cycles = 0
 
@@ -336,8 +346,35 @@ class ControlLoop:
             ]
         return True, notes
 
+    def _stalled(self, now_mono: int) -> bool:
+        """After a stall, hold decisions until every device was read again (or 3 periods).
+
+        The devices meanwhile keep their last setpoints or, if the stall outlasted their
+        reversion timers, their own reversion values: safe either way. Deciding on readings
+        that are stale only because this process did not run would go open loop and then
+        relax slowly from a needlessly conservative state.
+        """
+        period_ns = round(self._control.period_s * NS_PER_S)
+        last, self._last_step_mono_ns = self._last_step_mono_ns, now_mono
+        if last is not None and now_mono - last > STALL_PERIODS * period_ns:
+            log.warning(
+                "control loop stalled for %.1f s (process paused or starved): waiting for "
+                "fresh readings before deciding",
+                (now_mono - last) / NS_PER_S,
+            )
+            self._resume_mono_ns = now_mono
+        if self._resume_mono_ns is None:
+            return False
+        waited = now_mono - self._resume_mono_ns
+        if self._snapshot.read_since(self._resume_mono_ns) or waited > STALL_PERIODS * period_ns:
+            self._resume_mono_ns = None
+            return False
+        return True
+
     async def step(self) -> None:
         now_wall, now_mono = self._clock.wall_ns(), self._clock.mono_ns()
+        if self._stalled(now_mono):
+            return
         states = self._snapshot.device_states(now_mono)
         for device_id, state in states.items():
             if state.max_w > 0:
@@ -592,13 +629,19 @@ class ControlLoop:
         now_wall: int,
         now_mono: int,
     ) -> None:
+        since_ns = (
+            None if self._last_report_mono_ns is None else now_mono - self._last_report_mono_ns
+        )
+        reasons = tuple(sorted((sp.device_id, sp.bound_by) for sp in setpoints))
         due = (
-            self._last_report_mono_ns is None
-            or now_mono - self._last_report_mono_ns >= REPORT_EVERY_S * NS_PER_S
+            since_ns is None
+            or since_ns >= REPORT_EVERY_S * NS_PER_S
+            or (reasons != self._reported_reasons and since_ns >= REASONS_REPORT_MIN_S * NS_PER_S)
         )
         if not (force or due):
             return
         self._last_report_mono_ns = now_mono
+        self._reported_reasons = reasons
         availability = [
             (device_id, *self._snapshot.availability(device_id, now_mono))
             for device_id in sorted(self._device_ids)

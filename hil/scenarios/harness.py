@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -321,6 +322,14 @@ def gateway_config_text(
     return "\n".join(lines)
 
 
+def _fresh_state(workdir: Path) -> None:
+    """A run starts from nothing: the headend's database and the gateway's state of an earlier
+    run in the same workdir would otherwise carry its intents and events into this one."""
+    for path in workdir.glob("headend.sqlite3*"):
+        path.unlink()
+    shutil.rmtree(workdir / "gateway-state", ignore_errors=True)
+
+
 @contextlib.asynccontextmanager
 async def open_bench(
     spec: SiteSpec,
@@ -337,6 +346,7 @@ async def open_bench(
     a headend (tests that play the headend themselves).
     """
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - local, before anything runs
+    _fresh_state(workdir)
     sim = SiteSimulator(spec.with_overrides(port=0))
     await sim.start()
     headend: ManagedProcess | None = None

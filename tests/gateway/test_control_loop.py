@@ -224,3 +224,18 @@ async def test_a_clock_step_is_noticed_and_reported(rig_factory: Any) -> None:
 
 def test_meter_kind_is_never_controllable() -> None:
     assert DeviceKind.METER.value == "meter"
+
+
+async def test_after_a_stall_decisions_wait_for_fresh_readings(rig_factory: Any) -> None:
+    # Found in HIL (frozen-gateway): deciding on readings stale only because the process was
+    # paused sent the site open loop and dipped every cap on resumption.
+    rig = rig_factory()
+    rig.loop.add_override(Controls(max_gen_pct=40.0), origin="test", duration_s=3600)
+    await rig.cycle()
+    writes = len(rig.drivers["pv1"].writes)
+    rig.clock.advance(30.0)  # SIGSTOP for 30 s: no polls, no cycles
+    await rig.loop.step()
+    assert len(rig.drivers["pv1"].writes) == writes  # nothing decided on stale readings
+    await rig.cycle(advance_s=0.1)  # the pollers have run again
+    assert len(rig.drivers["pv1"].writes) == writes + 1
+    assert rig.pv_cap() == pytest.approx(4000.0)

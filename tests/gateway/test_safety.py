@@ -1070,3 +1070,39 @@ def test_the_ramp_never_exceeds_its_rate(run: RampRun) -> None:
                 if abs(value - last) > bat_step:
                     assert abs(value) < abs(last)  # a cut, never a faster rise
         previous, previous_t = now, t_s
+
+
+def test_a_device_with_unknown_output_holds_the_pcc_loop_instead_of_teaching_it() -> None:
+    # Found in HIL (frozen-gateway): after SIGCONT the PCC meter was fresh but the PV reading
+    # still stale; the loop took the PV's generation for negative load, learned a budget of
+    # -3620 W and the caps fell to 0 W, then relaxed slowly.
+    limits = (Limit("contract", 2000.0, standing=True),)
+    planned = [PlannedSetpoint("pv1", max_active_power_w=4000.0)]
+    state = KernelState()
+    second = 1_000_000_000
+
+    def cycle(t_s: float, pv_w: float | None, pcc_w: float) -> Enforcement:
+        nonlocal state
+        pv = _pv("pv1", 10_000.0, pv_w)
+        if pv_w is None:
+            pv = dataclasses.replace(pv, available=False, unavailable_reason="stale")
+        now = round(t_s * second)
+        result = enforce(
+            planned,
+            {"pv1": pv},
+            SiteConditions(pcc_w=pcc_w, export_limits=limits, now_mono_ns=now, pcc_mono_ns=now),
+            revert_after_s=6,
+            state=state,
+        )
+        state = result.state
+        return result
+
+    for i in range(12):
+        cycle(0.25 * i, 4000.0, -1000.0)
+    settled = state.export_budget_w
+    blind = cycle(11.0, None, -5570.0)  # meter fresh, PV stale: hold, do not learn
+    assert state.export_budget_w == settled
+    assert any("output of pv1 unknown" in note for note in blind.notes)
+    back = cycle(11.25, 8600.0, -5570.0)
+    (setpoint,) = back.setpoints
+    assert setpoint.max_active_power_w == pytest.approx(4000.0)
