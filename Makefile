@@ -27,8 +27,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Three workers on two cores: the HIL tests spend most of their time waiting on real time.
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3
 
 # Regenerate the wire contract from proto/dergw/v1/*.proto (tests fail if the committed copy is stale).
 proto: $(STAMP)

@@ -47,6 +47,7 @@ __all__ = [
     "Quality",
     "Reading",
     "WriteResult",
+    "check_setpoint",
 ]
 
 
@@ -184,6 +185,23 @@ class DriverHealth:
     consecutive_failures: int = 0
     total_failures: int = 0
     last_error: str | None = None
+
+
+def check_setpoint(setpoint: object, device_id: str) -> None:
+    """What every driver's write() checks first: a SafeSetpoint (nothing else reaches a device)
+    addressed to this driver's device. Raises TypeError / ValueError: both are programming errors,
+    never device conditions."""
+    from gateway.safety import SafeSetpoint  # runtime import: the kernel mints the type
+
+    if not isinstance(setpoint, SafeSetpoint):
+        raise TypeError(
+            f"{device_id}: write() accepts only gateway.safety.SafeSetpoint (from enforce()), "
+            f"got {type(setpoint).__name__}"
+        )
+    if setpoint.device_id != device_id:
+        raise ValueError(
+            f"setpoint for device {setpoint.device_id!r} sent to driver of {device_id!r}"
+        )
 
 
 @runtime_checkable

@@ -39,6 +39,24 @@ DRIVERS: dict[str, DriverSpec] = {
         factory="SunSpecModbusDriver",
         protocol="sunspec-modbus-tcp",
     ),
+    "modbus-profile": DriverSpec(
+        module="drivers.modbus_profile.driver",
+        params="ModbusProfileParams",
+        factory="ModbusProfileDriver",
+        protocol="modbus-profile",
+    ),
+    "opcua": DriverSpec(
+        module="drivers.opcua.driver",
+        params="OpcUaParams",
+        factory="OpcUaDriver",
+        protocol="opcua",
+    ),
+    "dnp3": DriverSpec(
+        module="drivers.dnp3.driver",
+        params="Dnp3Params",
+        factory="Dnp3Driver",
+        protocol="dnp3-tcp",
+    ),
 }
 
 

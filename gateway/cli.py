@@ -19,6 +19,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run the site gateway (`dergw gateway run --config F`)",
     ),
     "check-config": ("gateway.config", "check_config_main", "validate a gateway config file"),
+    "scan": (
+        "gateway.scan",
+        "scan_main",
+        "find devices (`dergw scan modbus HOST[:PORT]`, `dergw scan rtu /dev/ttyX`, "
+        "`dergw scan opcua URL`)",
+    ),
     "headend": ("headend_min.cli", "main", "run the headend (`dergw headend run`)"),
     "hil": ("hil.cli", "main", "simulated sites and HIL scenarios (`dergw hil run|scenario`)"),
     "demo": ("hil.cli", "demo_main", "headend + simulated site + gateway on loopback"),

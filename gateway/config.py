@@ -48,6 +48,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     SerializeAsAny,
     StringConstraints,
     ValidationError,
@@ -56,6 +57,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core.core_schema import ErrorType
 
 from drivers import registry
 from drivers.contract import DeviceKind
@@ -67,6 +69,8 @@ __all__ = [
     "FallbackConfig",
     "GatewayConfig",
     "GatewaySection",
+    "GrpcUplinkConfig",
+    "MqttUplinkConfig",
     "OutboxConfig",
     "SiteConfig",
     "UplinkConfig",
@@ -169,14 +173,21 @@ def _split_target(target: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class UplinkConfig(_Model):
-    # Required (no default) so that a second transport can become a discriminated union on it.
+class GrpcUplinkConfig(_Model):
+    """`transport = "grpc"`: one bidi stream to the headend at `target`."""
+
     transport: Literal["grpc"]
     target: str  # "host:port" of the headend
     keepalive_s: Annotated[float, Field(ge=1, le=3600)] = 20.0
     reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # reconnect backoff ceiling
     batch_max_records: Annotated[int, Field(ge=1, le=MAX_BATCH_RECORDS)] = 500
     inflight_batches: Annotated[int, Field(ge=1, le=64)] = 4  # sent ahead of the headend's ack
+    # Backlog resend pace after an outage, records/s (0 = as fast as acks allow); the headend's
+    # RegisterAck can set it instead. The live lane is never paced.
+    backlog_records_per_s: Annotated[int, Field(ge=0)] = 0
+    # A session with batches in flight and no Ack for this long is ended and reconnected (a
+    # headend that died mid-batch behind an MQTT broker, or hung): unacked rows are resent.
+    ack_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
 
     @field_validator("target")
     @classmethod
@@ -191,6 +202,114 @@ class UplinkConfig(_Model):
     @property
     def port(self) -> int:
         return _split_target(self.target)[1]
+
+
+# Topic levels may not contain wildcards ('+', '#') or be empty; the prefix is ASCII for ACLs.
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
+
+
+class MqttUplinkConfig(_Model):
+    """`transport = "mqtt"`: MQTT v5 through the broker at `broker` (topics in
+    `gateway.runtime.mqtt_transport`). The broker keeps a persistent session per client id for
+    `session_expiry_s`, so intents published while the gateway is offline wait there."""
+
+    transport: Literal["mqtt"]
+    broker: str  # "host:port" of the MQTT broker
+    client_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    username: str | None = None
+    password: str | None = None
+    session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 7 * 24 * 3600
+    keepalive_s: Annotated[int, Field(ge=5, le=65535)] = 20
+    topic_prefix: Annotated[str, StringConstraints(pattern=_TOPIC_PREFIX.pattern)] = "dergw/v1"
+    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # reconnect backoff ceiling
+    batch_max_records: Annotated[int, Field(ge=1, le=MAX_BATCH_RECORDS)] = 500
+    inflight_batches: Annotated[int, Field(ge=1, le=64)] = 4  # sent ahead of the headend's ack
+    # Backlog resend pace after an outage, records/s (0 = as fast as acks allow); the headend's
+    # RegisterAck can set it instead. The live lane is never paced.
+    backlog_records_per_s: Annotated[int, Field(ge=0)] = 0
+    # A session with batches in flight and no Ack for this long is ended and reconnected (a
+    # headend that died mid-batch behind an MQTT broker, or hung): unacked rows are resent.
+    ack_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        _split_target(value)
+        return value
+
+    @model_validator(mode="after")
+    def _password_needs_username(self) -> Self:
+        if self.password is not None and self.username is None:
+            raise _fail((("password",), "a password needs a username", "***"))
+        return self
+
+    @property
+    def target(self) -> str:
+        """The broker, "host:port" (health, logs and `dergw check-config`)."""
+        return self.broker
+
+    @property
+    def host(self) -> str:
+        return _split_target(self.broker)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_target(self.broker)[1]
+
+
+_BUILTIN_ERRORS = frozenset(get_args(ErrorType))
+_UPLINK_MODELS: dict[str, type[GrpcUplinkConfig] | type[MqttUplinkConfig]] = {
+    "grpc": GrpcUplinkConfig,
+    "mqtt": MqttUplinkConfig,
+}
+
+
+def _uplink_by_transport(value: Any) -> GrpcUplinkConfig | MqttUplinkConfig:
+    """Validate `[uplink]` with the model its `transport` names (a discriminated union whose
+    error locations stay `uplink.KEY`, without pydantic's tag level, and whose unknown-key hints
+    list the keys of the chosen transport)."""
+    if isinstance(value, GrpcUplinkConfig | MqttUplinkConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError("config", "expected a table ([uplink])")
+    transport = value.get("transport")
+    if transport is None:
+        raise _fail((("transport",), "required key is missing", None))
+    model = _UPLINK_MODELS.get(transport) if isinstance(transport, str) else None
+    if model is None:
+        known = " or ".join(repr(name) for name in _UPLINK_MODELS)
+        raise _fail((("transport",), f"Input should be {known}", transport))
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        errors: list[InitErrorDetails] = []
+        for error in exc.errors(include_url=False):
+            loc = tuple(error["loc"])
+            if error["type"] == "extra_forbidden" and len(loc) == 1:
+                allowed = list(model.model_fields)
+                close = difflib.get_close_matches(str(loc[0]), allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                message = f"unknown key; {hint}allowed here (transport = {transport!r}): "
+                message += ", ".join(allowed)
+                errors.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError("config", message), loc=loc, input=error["input"]
+                    )
+                )
+            elif error["type"] in _BUILTIN_ERRORS:
+                details = InitErrorDetails(type=error["type"], loc=loc, input=error["input"])
+                if "ctx" in error:
+                    details["ctx"] = error["ctx"]
+                errors.append(details)
+            else:  # raised by a validator of the model (_fail): keep its message
+                custom = PydanticCustomError(error["type"], error["msg"])
+                errors.append(InitErrorDetails(type=custom, loc=loc, input=error["input"]))
+        raise ValidationError.from_exception_data("config", errors) from None
+
+
+# `[uplink]`: `transport = "grpc"` (GrpcUplinkConfig) or `"mqtt"` (MqttUplinkConfig). Both
+# expose `.transport`, `.target` ("host:port" of the headend or broker) and the shared fields.
+UplinkConfig = Annotated[GrpcUplinkConfig | MqttUplinkConfig, PlainValidator(_uplink_by_transport)]
 
 
 class FallbackConfig(_Model):
@@ -232,6 +351,9 @@ class ControlConfig(_Model):
     revert_timeout_s: Annotated[int, Field(ge=1)] = 60  # device-side revert timer, armed per write
     refresh_s: Annotated[float, Field(gt=0)] = 10.0  # re-write unchanged setpoints this often
     meter_stale_periods: Annotated[int, Field(ge=1)] = 3  # older readings are not used
+    # A device write that has not completed by then counts as failed, so a hung driver never
+    # holds up the control loop or the other devices' writes (drivers time out on their own).
+    write_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     export_margin_w: NonNegativeWatts = 50.0  # stay this far inside export limits
     assumed_min_load_w: NonNegativeWatts = 0.0  # site load assumed without a fresh PCC reading
     # Share of a loosening export budget taken per cycle (tightening is always immediate):
@@ -307,7 +429,21 @@ class ControlConfig(_Model):
 
 class OutboxConfig(_Model):
     commit_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.1
+    # Disk budget of the outbox backlog; when reached, the outbox sheds by its documented policy
+    # (gateway.outbox: thin the oldest raw samples to aggregates first) and reports a Gap.
     quota_bytes: Annotated[int, Field(gt=0)] | None = None
+
+    @field_validator("quota_bytes")
+    @classmethod
+    def _quota_floor(cls, value: int | None) -> int | None:
+        # gateway.outbox.MIN_QUOTA_BYTES (not imported: the config stays free of runtime modules).
+        if value is not None and value < 65_536:
+            raise PydanticCustomError(
+                "config",
+                f"{value} bytes is too small: the outbox needs at least 65536 bytes (64 KiB) to "
+                "keep its Gap records; a real backlog budget is e.g. 1_000_000_000",
+            )
+        return value
 
 
 class _Unchecked(BaseModel):

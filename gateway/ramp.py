@@ -48,4 +48,7 @@ def ramp(last_w: float | None, desired_w: float, max_step_w: float) -> float:
     """`desired_w`, moved from `last_w` by at most `max_step_w` (no memory: no ramp)."""
     if last_w is None or not math.isfinite(max_step_w):
         return desired_w
+    if abs(desired_w - last_w) <= max_step_w:
+        # Exactly the target when the step reaches it (last - step may round past it).
+        return desired_w
     return min(max(desired_w, last_w - max_step_w), last_w + max_step_w)

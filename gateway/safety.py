@@ -232,6 +232,7 @@ class DeviceMemory:
     active_rate_w_per_s: float = NO_RAMP  # and for the fixed power
     probe_w: float = 0.0  # PV: the export loop's probe above the cap last cycle
     previous_cap_w: float | None = None  # the cap enforced the cycle before (None = uncapped)
+    measured_w: float | None = None  # its measured output when last enforced
 
 
 @dataclass(frozen=True, slots=True)
@@ -806,6 +807,7 @@ def _run_loops(
         )
         mode = "open loop: PCC meter stale"
 
+    remembered_export_w: float | None = None
     if export_limit is not None:
         previous = state.export_budget_w
         if pcc_w is None:
@@ -825,6 +827,14 @@ def _run_loops(
             )
         elif held and previous is not None:
             budget = previous
+            if blind and pcc_w is not None:
+                # Hold what was learned (for when the device is back), but apply no more than
+                # the PCC shows room for now: a blind device may keep producing outside the loop
+                # (its driver crashed, not the device), and handing its share to the others
+                # would overshoot the limit. Tighten-only: nothing is learned from this.
+                remembered_export_w = previous
+                room_w = pcc_w + steered_now_w + export_limit.watts - margin_w
+                budget = min(previous, room_w)
         elif blind:
             # Nothing learned yet and a device blind: the open-loop bound, as for a stale meter.
             budget = (
@@ -872,7 +882,9 @@ def _run_loops(
         loop.notes.append(loop.import_why)
     loop.state = PccLoopState(
         samples=samples,
-        export_budget_w=loop.export_budget_w,
+        export_budget_w=(
+            remembered_export_w if remembered_export_w is not None else loop.export_budget_w
+        ),
         import_floor_w=loop.import_floor_w,
     )
     loop.import_rank = import_rank
@@ -908,7 +920,12 @@ def _uncontrolled_generation_w(devices: Mapping[str, DeviceState], steered: set[
 
 
 def _pv_reference(
-    draft: _Draft, floor_w: float, ceiling_w: float, policy: KernelPolicy
+    draft: _Draft,
+    floor_w: float,
+    ceiling_w: float,
+    policy: KernelPolicy,
+    *,
+    probe_bound_w: float | None = None,
 ) -> tuple[float, float]:
     """What a PV inverter is expected to make next cycle, for the export budget, and the probe.
 
@@ -917,6 +934,9 @@ def _pv_reference(
     loosening step) so that a battery soaking the surplus takes it over quickly. One producing
     well below its cap (cloud) gives the slack back and its probe starts small again; in between,
     it keeps its cap (hysteresis, so that caps do not chase noise or the meter's delay).
+    While batteries soak surplus, the probe grows no faster than the absorption they proved in
+    the last cycle (`probe_bound_w`): a battery ramps at its own pace and PV must not outrun it
+    (found in HIL, export-step: export stayed over the limit for ~1.8 s after a PV step up).
     """
     base_w = max(policy.export_probe_pct, 0.0) / 100.0 * draft.rating_w
     max_w = max(base_w, max(policy.export_relax_max_step_pct, 0.0) / 100.0 * draft.rating_w)
@@ -937,6 +957,8 @@ def _pv_reference(
         judged = last if previous is None else min(last, previous)
         if measured >= judged - tolerance_w:
             probe_w = min(2.0 * last_probe_w, max_w)
+            if probe_bound_w is not None:
+                probe_w = min(probe_w, max(probe_bound_w, base_w))
             reference = last + probe_w
         elif judged - measured > 2.0 * base_w + tolerance_w:
             reference = measured + base_w
@@ -944,6 +966,15 @@ def _pv_reference(
             probe_w = last_probe_w
             reference = last
     return min(max(reference, floor_w), ceiling_w), probe_w
+
+
+def _absorption_gained_w(draft: _Draft) -> float:
+    """How much more a battery absorbs now than when last enforced (measured, >= 0)."""
+    memory = draft.memory
+    now = _known(draft.device.measured_w)
+    if memory is None or memory.measured_w is None or now is None:
+        return 0.0
+    return max(memory.measured_w - now, 0.0)
 
 
 def _apply_export(
@@ -955,6 +986,11 @@ def _apply_export(
     batteries = [d for d in drafts if _in_loop(d) and d.device.kind is DeviceKind.BATTERY]
     free = [d for d in batteries if d.target_w is None]
     commanded = [d for d in batteries if d.target_w is not None]
+    # While batteries soak, PV probes grow by at most the absorption they gained last cycle,
+    # shared by rating (see _pv_reference).
+    soakers = [d for d in free if d.memory is not None and d.memory.held == "soak"]
+    pv_rating_w = sum(d.rating_w for d in pv if math.isfinite(d.rating_w))
+    gained_w = sum(_absorption_gained_w(d) for d in soakers)
 
     pv_floor, pv_ceiling, pv_ref = [], [], []
     for d in pv:
@@ -962,7 +998,8 @@ def _apply_export(
         floor = min(_cap_step_floor(d, policy, ceiling), ceiling)
         pv_floor.append(floor)
         pv_ceiling.append(ceiling)
-        reference, d.probe_w = _pv_reference(d, floor, ceiling, policy)
+        bound = gained_w * d.rating_w / pv_rating_w if soakers and pv_rating_w > 0.0 else None
+        reference, d.probe_w = _pv_reference(d, floor, ceiling, policy, probe_bound_w=bound)
         pv_ref.append(reference)
     free_now, free_raw, free_floor, free_release = [], [], [], []
     for d in free:
@@ -1228,6 +1265,7 @@ def _mint(
     cap, refusal = _fit_to_controls(draft, cap)
     memory = DeviceMemory(
         mono_ns=now_ns,
+        measured_w=_known(device.measured_w),
         cap_w=memory_cap,
         active_w=draft.active_w,
         held=draft.held if draft.active_w is not None else "",

@@ -14,17 +14,34 @@ make a disciplined clock wrong, it only lets it drift slowly.
 
 ClockWatch detects steps (NTP stepping the clock, a manual change) by comparing wall and
 monotonic progress; the control loop re-resolves and logs them.
+
+SampleClock stamps samples for time integrity (reference/appliance.md §3.5): every sample carries
+the kernel boot id and whether the clock was trusted when it was taken, and when the clock becomes
+trusted (or at the first look, if it already is) SampleClock reports one ClockSyncPoint, the
+offset wall - monotonic at that moment, which the gateway records as a ClockSync. The headend
+then corrects the boot's untrusted samples to monotonic_ns + offset.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ClockStep", "ClockTrust", "ClockTrustError", "ClockWatch"]
+from gateway.clock import Clock
+
+__all__ = [
+    "ClockStep",
+    "ClockSyncPoint",
+    "ClockTrust",
+    "ClockTrustError",
+    "ClockWatch",
+    "SampleClock",
+]
 
 NS_PER_S = 1_000_000_000
 _TIME_ERROR = 5  # adjtimex() return value: clock not synchronised
@@ -62,12 +79,17 @@ class _Timex(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Loaded once: find_library may run ldconfig, far too slow to repeat per check.
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _kernel_synchronised() -> bool:
     if sys.platform != "linux":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     timex = _Timex()  # modes = 0: read only
-    return int(libc.adjtimex(ctypes.byref(timex))) not in (-1, _TIME_ERROR)
+    return int(_libc().adjtimex(ctypes.byref(timex))) not in (-1, _TIME_ERROR)
 
 
 class ClockTrust:
@@ -121,3 +143,58 @@ class ClockWatch:
         if previous is None or abs(offset - previous) < self._threshold_ns:
             return None
         return ClockStep((offset - previous) / NS_PER_S)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockSyncPoint:
+    """The wall clock became trusted: for `boot_id`, true wall time = monotonic + offset."""
+
+    boot_id: str
+    wall_minus_mono_ns: int
+    wall_ns: int  # when it was measured
+
+
+class SampleClock:
+    """Stamps samples with the boot id and the clock's trust state; reports when trust begins.
+
+    `synced()` answers from memory once the clock is trusted (trust is kept for the life of the
+    process, like ClockTrust); before that it asks `trust` at most once per `recheck_s` of
+    monotonic time, so it is cheap enough to call for every read. The first time it finds the
+    clock trusted it calls `on_sync` once, with the offset measured right then.
+    """
+
+    def __init__(
+        self,
+        trust: ClockTrust,
+        clock: Clock,
+        *,
+        boot_id: str,
+        on_sync: Callable[[ClockSyncPoint], None],
+        recheck_s: float = 1.0,
+    ) -> None:
+        self._trust = trust
+        self._clock = clock
+        self.boot_id = boot_id
+        self._on_sync = on_sync
+        self._recheck_ns = round(recheck_s * NS_PER_S)
+        self._next_check_ns: int | None = None
+        self._synced = False
+
+    def synced(self) -> bool:
+        """Is the wall clock trusted now? Ask before a read: a reading taken after a `True` has
+        a trusted wall time (a sync during the read leaves that sample marked untrusted, which
+        the headend corrects anyway)."""
+        if self._synced:
+            return True
+        now = self._clock.mono_ns()
+        if self._next_check_ns is not None and now < self._next_check_ns:
+            return False
+        self._next_check_ns = now + self._recheck_ns
+        if not self._trust.trusted():
+            return False
+        self._synced = True
+        before = self._clock.mono_ns()
+        wall = self._clock.wall_ns()
+        after = self._clock.mono_ns()
+        self._on_sync(ClockSyncPoint(self.boot_id, wall - (before + after) // 2, wall))
+        return True

@@ -25,6 +25,7 @@ from gateway.schedule import ActiveControls, ScopeControls
 
 __all__ = [
     "IntentError",
+    "clock_sync_payload",
     "decision_payload",
     "device_to_pb",
     "event_response_payload",
@@ -179,8 +180,14 @@ def intent_from_pb(doc: pb.IntentDocument) -> Intent:
     )
 
 
-def sample_payload(reading: Reading) -> bytes:
-    """A device reading as a serialized DeviceSample (one outbox row)."""
+def sample_payload(reading: Reading, *, boot_id: str, clock_synced: bool) -> bytes:
+    """A device reading as a serialized DeviceSample (one outbox row).
+
+    Time integrity (reference/appliance.md §3.5): `time` (wall) and `monotonic_ns` come from the
+    reading, `boot_id` is the kernel's boot id (gateway.bootid) and `clock_synced` whether the
+    wall clock was trusted when the read began (gateway.timesync.SampleClock). An untrusted
+    sample's true time is monotonic_ns + the offset of its boot's ClockSync record.
+    """
     return pb.DeviceSample(
         device_id=reading.device_id,
         time=timestamp_from_ns(reading.wall_ns),
@@ -190,6 +197,18 @@ def sample_payload(reading: Reading) -> bytes:
         values=reading.values.tolist(),
         quality=reading.quality.tolist(),
         error=reading.error or "",
+        boot_id=boot_id,
+        clock_synced=clock_synced,
+    ).SerializeToString()
+
+
+def clock_sync_payload(boot_id: str, wall_minus_mono_ns: int, wall_ns: int) -> bytes:
+    """A serialized ClockSync: from now on (and backwards, for this boot's untrusted samples)
+    true wall time = monotonic + `wall_minus_mono_ns`."""
+    return pb.ClockSync(
+        boot_id=boot_id,
+        wall_minus_mono_ns=wall_minus_mono_ns,
+        time=timestamp_from_ns(wall_ns),
     ).SerializeToString()
 
 

@@ -51,6 +51,7 @@ from headend_min.schemas import (
     FeederOut,
     FlexibilityOut,
     FlexibilitySummaryOut,
+    GapOut,
     GatewayIntentStatusOut,
     GatewayOut,
     HealthOut,
@@ -235,6 +236,13 @@ def create_api(
                 "(GET /api/v1/gateways lists the known gateways)"
             )
         return GatewayOut.of(gateway, online=online(gateway, clock.wall_ns()))
+
+    @router.get("/gateways/{gateway_id}/gaps", response_model=list[GapOut], tags=["telemetry"])
+    async def list_gaps(
+        gateway_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[GapOut]:
+        """What the gateway's outbox shed (quota reached) or could not store, newest first."""
+        return [GapOut.of(gap) for gap in await store.gaps(gateway_id=gateway_id, limit=limit)]
 
     @router.get("/sites", response_model=list[SiteOut], tags=["fleet"])
     async def list_sites() -> list[SiteOut]:

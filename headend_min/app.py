@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 
@@ -23,11 +24,13 @@ from fastapi import FastAPI
 from dergw.v1 import dergw_pb2_grpc, grpc_channel_options
 from headend_min.api import create_api
 from headend_min.clock import Clock, SystemClock
-from headend_min.config import Endpoint, HeadendConfig
+from headend_min.config import DatabaseLocation, Endpoint, HeadendConfig, PostgresUrl
 from headend_min.link import GatewayLinkService
+from headend_min.mqtt_link import MqttIntentNotifier, MqttLink
 from headend_min.notify import InProcessNotifier, Notifier
+from headend_min.session import Admission, GatewaySessions
 from headend_min.sqlite_store import SqliteStore
-from headend_min.store import Store
+from headend_min.store import Store, StoreError
 
 __all__ = ["Headend", "HeadendStartError", "serve"]
 
@@ -65,11 +68,26 @@ def _listen_http(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
+async def _open_store(location: DatabaseLocation) -> Store:
+    if isinstance(location, PostgresUrl):
+        try:
+            from headend_min.pg_store import PgStore  # the `postgres` extra
+        except ImportError as exc:
+            raise StoreError(
+                f"--db {location}: PostgreSQL needs psycopg ({exc}); "
+                "install it with: pip install 'dergw[postgres]'"
+            ) from exc
+        return await PgStore.open(location.url)
+    return await SqliteStore.open(location)
+
+
 class Headend:
     """One headend instance. `async with Headend(config) as headend:` serves until the block ends.
 
     A `store` passed in stays owned by the caller (tests use that to wrap or share it); otherwise
-    the SQLite file of `config.db_path` is opened and closed here.
+    the database of `config.db_path` (a SQLite file or a PostgreSQL URL) is opened and closed
+    here. On PostgreSQL the default notifier is a `PgNotifier`, so an intent posted to any
+    instance reaches gateways connected to any other.
     """
 
     def __init__(
@@ -83,6 +101,7 @@ class Headend:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.notifier: Notifier = notifier or InProcessNotifier()
+        self._given_notifier = notifier
         self._given_store = store
         self._store: Store | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -90,6 +109,7 @@ class Headend:
         self._http_task: asyncio.Task[None] | None = None
         self._presence_task: asyncio.Task[None] | None = None
         self._link: GatewayLinkService | None = None
+        self._mqtt: MqttLink | None = None
         self.api: FastAPI | None = None
         self.grpc_endpoint = config.grpc
         self.http_endpoint = config.http
@@ -106,6 +126,11 @@ class Headend:
             raise RuntimeError("the headend is not started")
         return self._link
 
+    @property
+    def mqtt_link(self) -> MqttLink | None:
+        """The MQTT link (None without `config.mqtt`)."""
+        return self._mqtt
+
     async def start(self) -> None:
         try:
             await self._start()
@@ -115,9 +140,18 @@ class Headend:
 
     async def _start(self) -> None:
         config = self.config
-        self._store = self._given_store or await SqliteStore.open(config.db_path)
-        self._link = GatewayLinkService(
+        self._store = self._given_store or await _open_store(config.db_path)
+        await self._use_database_notifier(self._store)
+        self.sessions = GatewaySessions(
             self._store,
+            self.clock,
+            admission=Admission(
+                rate_per_s=config.admission_rate_per_s, burst=config.admission_burst
+            ),
+            backlog_records_per_s=config.backlog_records_per_s,
+        )
+        self._link = GatewayLinkService(
+            self.sessions,
             self.notifier,
             self.clock,
             presence_interval_s=config.presence_interval_s,
@@ -134,9 +168,26 @@ class Headend:
         self.grpc_endpoint = Endpoint(config.grpc.host, grpc_port)
         await self._grpc.start()
 
+        api_notifier = self.notifier
+        if config.mqtt is not None:
+            self._mqtt = MqttLink(
+                self.sessions,
+                config.mqtt.host,
+                config.mqtt.port,
+                share_group=config.mqtt_share_group,
+                presence_interval_s=config.presence_interval_s,
+                clock=self.clock,
+            )
+            try:
+                await self._mqtt.start()
+            except ConnectionError as exc:
+                raise HeadendStartError(f"--mqtt {config.mqtt}: {exc}") from exc
+            # Posted intents also go out over MQTT, from the instance that took the post.
+            api_notifier = MqttIntentNotifier(self.notifier, self._mqtt)
+
         self.api = create_api(
             store=self._store,
-            notifier=self.notifier,
+            notifier=api_notifier,
             clock=self.clock,
             stale_after_s=config.stale_after_s,
         )
@@ -156,6 +207,18 @@ class Headend:
         await self._wait_http_started(self._http, self._http_task)
         self._presence_task = asyncio.create_task(self._link.run_presence())
         _log.info("headend serving grpc=%s http=%s", self.grpc_endpoint, self.http_endpoint)
+
+    async def _use_database_notifier(self, store: Store) -> None:
+        """On PostgreSQL, intents wake streams in every instance (LISTEN/NOTIFY), not just here."""
+        if self._given_notifier is not None or "headend_min.pg_store" not in sys.modules:
+            return  # no PgStore can exist unless its module was imported
+        from headend_min.pg_notify import PgNotifier
+        from headend_min.pg_store import PgStore
+
+        if isinstance(store, PgStore):
+            notifier = PgNotifier(store)
+            self.notifier = notifier
+            await notifier.start()
 
     async def _wait_http_started(self, server: uvicorn.Server, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -181,6 +244,9 @@ class Headend:
             self._grpc = None
         if self._link is not None:
             await self._link.wait_closed()
+        if self._mqtt is not None:
+            await self._mqtt.stop()
+            self._mqtt = None
         if self._presence_task is not None:
             self._presence_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,7 +1,8 @@
 """`dergw headend run`: start the headend (gRPC link + HTTP API) in one process.
 
-Prints `headend ready grpc=HOST:PORT http=HOST:PORT` (real ports, also for port 0) on stdout once
-both listen; exits 0 on SIGTERM/SIGINT after a clean shutdown.
+Prints `headend ready grpc=HOST:PORT http=HOST:PORT` (real ports, also for port 0; followed by
+` mqtt=HOST:PORT` with `--mqtt`) on stdout once both listen (and the MQTT subscription is in
+place); exits 0 on SIGTERM/SIGINT after a clean shutdown.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from headend_min.app import Headend, HeadendStartError, serve
 from headend_min.config import (
     DEFAULT_DB_URL,
     ConfigError,
+    Endpoint,
     HeadendConfig,
     parse_db_url,
     parse_endpoint,
@@ -46,7 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "--db",
         default=DEFAULT_DB_URL,
         metavar="URL",
-        help="sqlite:///PATH or a plain file path (default %(default)s)",
+        help="sqlite:///PATH, a plain file path, or postgresql://USER@HOST:PORT/DBNAME "
+        "(shared by any number of headend instances) (default %(default)s)",
+    )
+    run.add_argument(
+        "--mqtt",
+        default=None,
+        metavar="HOST:PORT",
+        help="also serve gateways through this MQTT v5 broker (default: gRPC only)",
     )
     run.add_argument(
         "--keepalive-s",
@@ -72,11 +81,24 @@ def _config(args: argparse.Namespace) -> HeadendConfig:
         http=parse_endpoint(args.http, flag="--http"),
         db_path=parse_db_url(args.db),
         keepalive_s=args.keepalive_s,
+        mqtt=_mqtt_endpoint(args.mqtt),
     )
 
 
+def _mqtt_endpoint(text: str | None) -> Endpoint | None:
+    if text is None:
+        return None
+    endpoint = parse_endpoint(text, flag="--mqtt")
+    if endpoint.port == 0:
+        raise ConfigError(f"--mqtt {text!r}: give the broker's port (e.g. 1883)")
+    return endpoint
+
+
 def _announce(headend: Headend) -> None:
-    print(f"headend ready grpc={headend.grpc_endpoint} http={headend.http_endpoint}", flush=True)
+    line = f"headend ready grpc={headend.grpc_endpoint} http={headend.http_endpoint}"
+    if headend.config.mqtt is not None:
+        line += f" mqtt={headend.config.mqtt}"
+    print(line, flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_DB_URL",
     "ConfigError",
+    "DatabaseLocation",
     "Endpoint",
     "HeadendConfig",
+    "PostgresUrl",
     "parse_db_url",
     "parse_endpoint",
 ]
@@ -47,17 +50,49 @@ def parse_endpoint(text: str, *, flag: str) -> Endpoint:
     return Endpoint(host, port)
 
 
-def parse_db_url(text: str) -> Path:
-    """Database location -> SQLite file path.
+_PG_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
 
-    Accepts `sqlite:///relative/path`, `sqlite:////absolute/path` and a plain path. PostgreSQL
-    URLs are recognised and refused with a clear message until that store exists.
+
+@dataclass(frozen=True, slots=True)
+class PostgresUrl:
+    """A PostgreSQL connection URL (libpq syntax); str() never shows the password."""
+
+    url: str
+
+    def __str__(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def __repr__(self) -> str:
+        return f"PostgresUrl({str(self)!r})"
+
+
+# A SQLite file, or a PostgreSQL database shared by any number of headend instances.
+DatabaseLocation = Path | PostgresUrl
+
+
+def parse_db_url(text: str) -> DatabaseLocation:
+    """Database location -> SQLite file path or PostgreSQL URL.
+
+    Accepts `sqlite:///relative/path`, `sqlite:////absolute/path`, a plain path, and
+    `postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DBNAME[?PARAM=VALUE...]` (also `postgres://`
+    and SQLAlchemy's `postgresql+psycopg://`).
     """
-    if text.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        raise ConfigError(
-            f"--db {text!r}: the PostgreSQL store is not implemented yet; "
-            "use sqlite:///PATH or a plain file path"
-        )
+    if text.startswith(_PG_SCHEMES):
+        url = "postgresql://" + text.split("://", 1)[1]
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018  # raises on a malformed port
+        except ValueError:
+            raise ConfigError(f"--db {text!r}: the port is not a number") from None
+        if not parts.path.strip("/"):
+            raise ConfigError(
+                f"--db {text!r}: name the database, e.g. postgresql://USER@HOST:5432/dergw"
+            )
+        return PostgresUrl(url)
     if text.startswith("sqlite:"):
         prefix = "sqlite:///"
         if not text.startswith(prefix) or len(text) == len(prefix):
@@ -66,7 +101,10 @@ def parse_db_url(text: str) -> Path:
             )
         return Path(text[len(prefix) :])
     if "://" in text:
-        raise ConfigError(f"--db {text!r}: unsupported scheme; use sqlite:///PATH or a file path")
+        raise ConfigError(
+            f"--db {text!r}: unsupported scheme; use sqlite:///PATH, a file path or "
+            "postgresql://USER@HOST:PORT/DBNAME"
+        )
     if not text:
         raise ConfigError("--db is empty; use sqlite:///PATH or a file path")
     return Path(text)
@@ -76,11 +114,22 @@ def parse_db_url(text: str) -> Path:
 class HeadendConfig:
     grpc: Endpoint = Endpoint("127.0.0.1", 50051)
     http: Endpoint = Endpoint("127.0.0.1", 8080)
-    db_path: Path = Path("./var/headend.sqlite3")
+    # A SQLite file, or a PostgresUrl (see parse_db_url).
+    db_path: DatabaseLocation = Path("./var/headend.sqlite3")
     # HTTP/2 keepalive of the gateway link. Presence follows from it: an open stream refreshes
     # last_seen every keepalive/2, and a row whose last_seen is older than 2 x keepalive reads
     # as offline (the stream died with its headend, or the network is gone).
     keepalive_s: float = 20.0
+    # Admission of new gateway sessions (token bucket): a fleet reconnecting at once after a
+    # headend restart is spread out with RetryAfter instead of flattening the headend.
+    admission_rate_per_s: float = 200.0
+    admission_burst: int = 400
+    # Pace of each gateway's backlog resend, records/s (0 = the gateway's own setting).
+    backlog_records_per_s: int = 0
+    # MQTT broker through which the headend also serves gateways (None = gRPC only). Several
+    # instances split the gateways' messages with one shared subscription group.
+    mqtt: Endpoint | None = None
+    mqtt_share_group: str = "dergw-headend"
 
     @property
     def presence_interval_s(self) -> float:

@@ -16,12 +16,14 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from dergw.v1 import MAX_ID_LENGTH, MAX_RECORDS_PER_BATCH, ns_from_timestamp, pb
 from headend_min.model import (
+    ClockSyncRow,
     DecisionRow,
     DeviceInfo,
     EventResponseRow,
     FlexibilityRecord,
     FlexibilityRow,
     ForecastPointRecord,
+    GapRow,
     IntentStatusRow,
     LatestPointRow,
     Nameplate,
@@ -172,28 +174,47 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
     if count == 0:
         return rows
     first_seq = batch.first_seq
-    if first_seq < 1 or batch.last_seq - first_seq + 1 != count:
+    if first_seq < 1 or batch.last_seq < first_seq + count - 1:
         raise ProtocolViolation(
             f"telemetry batch says seqs {first_seq}..{batch.last_seq} "
             f"but carries {count} records (seqs start at 1 and are consecutive)"
         )
     samples: list[tuple[int, int, pb.DeviceSample]] = []
     status: dict[str, SampleStatusRow] = {}
+    expected = first_seq
     for offset, record in enumerate(records):
         seq = record.seq
-        if seq != first_seq + offset:
+        if seq != expected:
             raise ProtocolViolation(
                 f"telemetry batch {first_seq}..{batch.last_seq}: record {offset} has seq {seq}, "
-                f"expected {first_seq + offset} (records must be consecutive and in order)"
+                f"expected {expected} (records must be consecutive and in order)"
             )
         kind = record.WhichOneof("body")
+        through_seq = record.through_seq or seq
+        if through_seq < seq or (through_seq != seq and kind != "gap"):
+            raise ProtocolViolation(
+                f"record seq {seq}: through_seq {record.through_seq} is only allowed on a gap "
+                "record, and never below seq"
+            )
+        expected = through_seq + 1
         if kind == "sample":
             sample = record.sample
             _check_sample_shape(sample, seq)
             device_id = sample.device_id
             time_ns = ns_from_timestamp(sample.time)
             rows.samples.append(
-                SampleRow(gateway_id, seq, device_id, time_ns, sample.SerializeToString())
+                SampleRow(
+                    gateway_id,
+                    seq,
+                    device_id,
+                    time_ns,
+                    sample.SerializeToString(),
+                    sample.boot_id,
+                    sample.monotonic_ns,
+                    # A sample without a boot id comes from a gateway that predates the field:
+                    # there is nothing to correct it with, so it counts as synced.
+                    int(sample.clock_synced or not sample.boot_id),
+                )
             )
             samples.append((seq, time_ns, sample))
             status[device_id] = SampleStatusRow(
@@ -276,10 +297,45 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
                     flexibility.SerializeToString(),
                 )
             )
+        elif kind == "gap":
+            gap = record.gap
+            rows.gaps.append(
+                GapRow(
+                    gateway_id,
+                    seq,
+                    through_seq,
+                    gap.what,
+                    gap.records,
+                    gap.points,
+                    gap.bytes,
+                    ns_from_timestamp(gap.first_time) if gap.HasField("first_time") else None,
+                    ns_from_timestamp(gap.last_time) if gap.HasField("last_time") else None,
+                    gap.reason,
+                    ",".join(gap.device_ids),
+                )
+            )
+        elif kind == "clock_sync":
+            sync = record.clock_sync
+            if not sync.boot_id:
+                raise ProtocolViolation(f"record seq {seq}: clock_sync.boot_id is empty")
+            rows.clock_syncs.append(
+                ClockSyncRow(
+                    gateway_id,
+                    seq,
+                    sync.boot_id,
+                    sync.wall_minus_mono_ns,
+                    ns_from_timestamp(sync.time),
+                )
+            )
         else:
             # No known body: a record kind added to v1 after this headend was built. Keep the
             # bytes (and ack them) so nothing is lost and a newer headend can decode them.
             rows.unknown.append(UnknownRecordRow(gateway_id, seq, record.SerializeToString()))
+    if expected - 1 != batch.last_seq:
+        raise ProtocolViolation(
+            f"telemetry batch says seqs {first_seq}..{batch.last_seq} but carries {count} "
+            f"records ending at seq {expected - 1}"
+        )
     rows.latest_points = _latest_points(gateway_id, samples)
     rows.sample_status = list(status.values())
     return rows

@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from dergw.v1 import dergw_pb2_grpc, pb, timestamp_from_ns
+from dergw.v1 import dergw_pb2_grpc, pb
 from headend_min.clock import Clock
-from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
-from headend_min.model import IntentAckInfo, StreamRef
+from headend_min.ingest import ProtocolViolation
+from headend_min.model import StreamRef
 from headend_min.notify import IntentSubscription, Notifier
-from headend_min.store import Store, StoreError
+from headend_min.session import GatewaySessions
+from headend_min.store import StoreError
 
 __all__ = ["GatewayLinkService"]
 
@@ -65,7 +66,7 @@ class _Session:
 class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
     def __init__(
         self,
-        store: Store,
+        sessions: GatewaySessions,
         notifier: Notifier,
         clock: Clock,
         *,
@@ -73,7 +74,8 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         register_timeout_s: float = 30.0,
         outbox_size: int = 32,
     ) -> None:
-        self._store = store
+        self._sessions_ops = sessions
+        self._store = sessions.store
         self._notifier = notifier
         self._clock = clock
         self._presence_interval_s = presence_interval_s
@@ -111,7 +113,7 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
                 f"`{first.WhichOneof('body') or 'an empty UpMessage'}`",
             )
         try:
-            registration = registration_from_pb(first.register)
+            registration = self._sessions_ops.parse_register(first.register)
         except ProtocolViolation as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid register: {exc}")
 
@@ -122,14 +124,20 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         # in between is then both in the subscription and (harmlessly) possibly in the read.
         async with self._notifier.subscribe(site_id) as versions:
             try:
-                now_ns = self._clock.wall_ns()
                 try:
-                    outcome = await self._store.register_gateway(registration, stream, now_ns)
+                    result = await self._sessions_ops.register(registration, stream)
                 except StoreError:
                     _log.exception("register of %s failed", registration.gateway_id)
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE, "headend storage error during register; retry"
                     )
+                if result.outcome is None:
+                    # Not admitted now: the RetryAfter says when; ending the stream OK is part of
+                    # the answer (the gateway closes its session and waits).
+                    for reply in result.replies:
+                        yield reply
+                    return
+                outcome = result.outcome
                 self._adopt(session)
                 _log.info(
                     "gateway %s (site %s) connected: committed_seq=%d, holds v%d, latest v%d",
@@ -139,13 +147,8 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
                     registration.intent_version,
                     outcome.site_intent_version,
                 )
-                yield pb.DownMessage(
-                    register_ack=pb.RegisterAck(
-                        committed_seq=outcome.committed_seq,
-                        intent_version=outcome.site_intent_version,
-                        server_time=timestamp_from_ns(now_ns),
-                    )
-                )
+                for reply in result.replies:
+                    yield reply
                 session.tasks.append(asyncio.create_task(self._read(session, requests)))
                 session.tasks.append(
                     asyncio.create_task(
@@ -197,12 +200,7 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         await asyncio.shield(closing)
 
     async def _close_stream(self, stream: StreamRef) -> None:
-        try:
-            await self._store.close_stream(stream, self._clock.wall_ns())
-        except StoreError:
-            # The row then goes stale and reads offline after 2 x keepalive anyway.
-            _log.warning("could not record that the stream of %s closed", stream.gateway_id)
-        _log.info("gateway %s disconnected", stream.gateway_id)
+        await self._sessions_ops.close_stream(stream)
 
     async def wait_closed(self) -> None:
         """Wait until every ended stream has been recorded as closed (before closing the store)."""
@@ -210,13 +208,7 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _record_delivery(self, stream: StreamRef, document: pb.IntentDocument) -> None:
-        try:
-            await self._store.record_intent_delivery(
-                stream.gateway_id, document.site_id, document.version, self._clock.wall_ns()
-            )
-        except StoreError:
-            # Delivery bookkeeping is informational; the gateway's ack is what counts.
-            _log.warning("could not record delivery of v%d to %s", document.version, stream)
+        await self._sessions_ops.record_delivery(stream.gateway_id, document)
 
     async def _read(self, session: _Session, requests: AsyncIterator[pb.UpMessage]) -> None:
         end = _End(None)
@@ -241,28 +233,15 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         kind = message.WhichOneof("body")
         gateway_id = session.stream.gateway_id
         if kind == "telemetry":
-            batch = message.telemetry
-            rows = plan_telemetry(batch, gateway_id)
-            committed_seq = await self._store.commit_telemetry(rows, self._clock.wall_ns())
-            # Acked only now that the batch is committed. An empty batch acks the watermark.
-            up_to_seq = batch.last_seq if batch.records else committed_seq
-            await session.outbox.put(pb.DownMessage(ack=pb.Ack(up_to_seq=up_to_seq)))
+            # Acked only once the batch is committed (GatewaySessions.telemetry).
+            ack = await self._sessions_ops.telemetry(gateway_id, message.telemetry)
+            await session.outbox.put(ack)
         elif kind == "intent_ack":
-            ack = message.intent_ack
-            if ack.site_id != session.site_id:
-                raise ProtocolViolation(
-                    f"intent_ack names site {ack.site_id!r} but this stream registered site "
-                    f"{session.site_id!r}"
-                )
-            await self._store.record_intent_ack(
-                gateway_id,
-                IntentAckInfo(ack.site_id, ack.version, ack.status, ack.reason),
-                self._clock.wall_ns(),
-            )
+            await self._sessions_ops.intent_ack(gateway_id, session.site_id, message.intent_ack)
         elif kind == "register":
             # A re-register on an open stream updates the inventory (a device the gateway
             # discovered after connecting); identity and site cannot change on a stream.
-            registration = registration_from_pb(message.register)
+            registration = self._sessions_ops.parse_register(message.register)
             if (
                 registration.gateway_id != gateway_id
                 or registration.site.site_id != session.site_id
@@ -271,17 +250,11 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
                     "a `register` on an open stream must keep its gateway id and site "
                     f"({gateway_id!r}, {session.site_id!r}); open a new stream to change them"
                 )
-            now_ns = self._clock.wall_ns()
-            outcome = await self._store.register_gateway(registration, session.stream, now_ns)
-            await session.outbox.put(
-                pb.DownMessage(
-                    register_ack=pb.RegisterAck(
-                        committed_seq=outcome.committed_seq,
-                        intent_version=outcome.site_intent_version,
-                        server_time=timestamp_from_ns(now_ns),
-                    )
-                )
+            result = await self._sessions_ops.register(
+                registration, session.stream, new_session=False
             )
+            for reply in result.replies:
+                await session.outbox.put(reply)
         else:
             # A message kind added to v1 after this headend was built: additive, so ignore it.
             _log.debug("ignoring an UpMessage without a known body from %s", gateway_id)
@@ -311,12 +284,11 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
             await session.outbox.put(_End(grpc.StatusCode.INTERNAL, "headend error; see its log"))
 
     async def _queue_latest_intent(self, session: _Session, sent_version: int) -> int:
-        # Always the newest document: versions posted in a burst collapse into one send.
-        stored = await self._store.get_intent(session.site_id)
-        if stored is None or stored.version <= sent_version:
+        document = await self._sessions_ops.latest_intent_after(session.site_id, sent_version)
+        if document is None:
             return sent_version
-        await session.outbox.put(pb.DownMessage(intent=stored.document))
-        return stored.version
+        await session.outbox.put(pb.DownMessage(intent=document))
+        return document.version
 
     async def run_presence(self) -> None:
         """Refresh last_seen of every open stream, forever (cancel to stop)."""

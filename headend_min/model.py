@@ -16,6 +16,8 @@ from typing import NamedTuple
 from dergw.v1 import pb
 
 __all__ = [
+    "ClockSyncRow",
+    "CommitResult",
     "DecisionRow",
     "DeviceInfo",
     "DeviceRecord",
@@ -24,6 +26,8 @@ __all__ = [
     "FlexibilityRecord",
     "FlexibilityRow",
     "ForecastPointRecord",
+    "GapRecord",
+    "GapRow",
     "GatewayRecord",
     "HistoryCursor",
     "HistoryPage",
@@ -122,6 +126,16 @@ class StreamRef:
 class RegisterOutcome:
     committed_seq: int
     site_intent_version: int
+    # Committed ranges above committed_seq (see seqranges): the gateway deletes them too.
+    committed_ranges: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """What is committed for a gateway after a batch: the watermark and the ranges above it."""
+
+    committed_seq: int
+    committed_ranges: tuple[tuple[int, int], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +337,33 @@ class SampleRow(NamedTuple):
     device_id: str
     time_ns: int
     payload: bytes  # the DeviceSample, serialized: points stay packed per read
+    boot_id: str = ""
+    monotonic_ns: int = 0
+    clock_synced: int = 1  # 0: time_ns is approximate until a ClockSync of boot_id corrects it
+
+
+class GapRow(NamedTuple):
+    """What the gateway's outbox shed to stay within its quota (seq..through_seq)."""
+
+    gateway_id: str
+    seq: int
+    through_seq: int
+    what: str
+    records: int
+    points: int
+    bytes: int
+    first_time_ns: int | None
+    last_time_ns: int | None
+    reason: str
+    device_ids: str  # comma-separated
+
+
+class ClockSyncRow(NamedTuple):
+    gateway_id: str
+    seq: int
+    boot_id: str
+    wall_minus_mono_ns: int
+    time_ns: int
 
 
 class LatestPointRow(NamedTuple):
@@ -415,4 +456,24 @@ class TelemetryRows:
     reported_states: list[ReportedStateRow] = field(default_factory=list)
     decisions: list[DecisionRow] = field(default_factory=list)
     flexibility: list[FlexibilityRow] = field(default_factory=list)
+    gaps: list[GapRow] = field(default_factory=list)
+    clock_syncs: list[ClockSyncRow] = field(default_factory=list)
     unknown: list[UnknownRecordRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class GapRecord:
+    """A Gap as the API shows it."""
+
+    gateway_id: str
+    first_seq: int
+    last_seq: int
+    what: str
+    records: int
+    points: int
+    bytes: int
+    first_time_ns: int | None
+    last_time_ns: int | None
+    reason: str
+    device_ids: tuple[str, ...]
+    received_at_ns: int

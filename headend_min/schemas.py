@@ -33,6 +33,7 @@ from headend_min.model import (
     DeviceRecord,
     EventResponseRecord,
     FlexibilityRecord,
+    GapRecord,
     GatewayRecord,
     HistoryPoint,
     LatestPoint,
@@ -673,6 +674,40 @@ class IntentVersionOut(BaseModel):
     issued_at: datetime | None
     document: IntentDocumentOut
     gateways: list[GatewayIntentStatusOut]
+
+
+class GapOut(BaseModel):
+    """What a gateway's outbox shed to stay within its disk quota (or could not store)."""
+
+    gateway_id: str
+    first_seq: int
+    last_seq: int
+    what: str = Field(description='e.g. "sample thinned to aggregates", "decision"')
+    records: int = Field(description="records shed")
+    points: int = Field(description="measurement points among them")
+    bytes: int
+    first_time: datetime | None
+    last_time: datetime | None
+    reason: str
+    device_ids: list[str]
+    received_at: datetime | None
+
+    @classmethod
+    def of(cls, record: GapRecord) -> GapOut:
+        return cls(
+            gateway_id=record.gateway_id,
+            first_seq=record.first_seq,
+            last_seq=record.last_seq,
+            what=record.what,
+            records=record.records,
+            points=record.points,
+            bytes=record.bytes,
+            first_time=_time(record.first_time_ns),
+            last_time=_time(record.last_time_ns),
+            reason=record.reason,
+            device_ids=list(record.device_ids),
+            received_at=_time(record.received_at_ns),
+        )
 
 
 class EventResponseOut(BaseModel):

@@ -197,4 +197,48 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE event_responses ADD COLUMN effective_end_ns INTEGER",
         ),
     ),
+    Migration(
+        4,
+        "two-lane acks, shed-data gaps, clock corrections of unsynced samples",
+        (
+            # Committed seqs above the contiguous watermark gateways.committed_seq (seqranges).
+            """CREATE TABLE committed_ranges (
+                gateway_id TEXT NOT NULL,
+                first_seq INTEGER NOT NULL,
+                last_seq INTEGER NOT NULL,
+                PRIMARY KEY (gateway_id, first_seq)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE gaps (
+                gateway_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                through_seq INTEGER NOT NULL,
+                what TEXT NOT NULL,
+                records INTEGER NOT NULL,
+                points INTEGER NOT NULL,
+                bytes INTEGER NOT NULL,
+                first_time_ns INTEGER,
+                last_time_ns INTEGER,
+                reason TEXT NOT NULL,
+                device_ids TEXT NOT NULL,
+                received_at_ns INTEGER NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            )""",
+            """CREATE TABLE clock_syncs (
+                gateway_id TEXT NOT NULL,
+                boot_id TEXT NOT NULL,
+                seq INTEGER NOT NULL,
+                wall_minus_mono_ns INTEGER NOT NULL,
+                time_ns INTEGER NOT NULL,
+                PRIMARY KEY (gateway_id, seq)
+            ) WITHOUT ROWID""",
+            # Every gateway process reports its boot's offset once (the previous report may have
+            # died with it); the earliest per boot corrects that boot's unsynced samples.
+            "CREATE INDEX clock_syncs_by_boot ON clock_syncs (gateway_id, boot_id, seq)",
+            "ALTER TABLE samples ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE samples ADD COLUMN monotonic_ns INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE samples ADD COLUMN clock_synced INTEGER NOT NULL DEFAULT 1",
+            # Unsynced samples still waiting for their boot's ClockSync (rare: first minutes).
+            "CREATE INDEX samples_unsynced ON samples (gateway_id, boot_id) WHERE clock_synced = 0",
+        ),
+    ),
 )

@@ -25,10 +25,12 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from dergw.v1 import ns_from_timestamp, pb
 from headend_min.ingest import flexibility_record, sample_points
 from headend_min.model import (
+    CommitResult,
     DeviceInfo,
     DeviceRecord,
     EventResponseRecord,
     FlexibilityRecord,
+    GapRecord,
     GatewayRecord,
     HistoryCursor,
     HistoryPage,
@@ -51,6 +53,7 @@ from headend_min.model import (
     StreamRef,
     TelemetryRows,
 )
+from headend_min.seqranges import absorb
 from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.store import (
     IntentComposer,
@@ -355,17 +358,54 @@ class SqliteStore:
                 f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({_placeholders(16)})",
                 [_device_row(registration.gateway_id, device) for device in registration.devices],
             )
-            committed_seq = tx.execute(
-                "SELECT committed_seq FROM gateways WHERE gateway_id = ?",
-                (registration.gateway_id,),
-            ).fetchone()[0]
+            # Seqs below what the gateway still holds were acked (by this headend's database)
+            # and deleted there: they count as committed, so a hole left by an ack that reached
+            # the gateway just before a crash here never stalls the watermark.
+            settled_below = registration.oldest_unacked_seq or registration.next_seq
+            settled = [(1, settled_below - 1)] if settled_below > 1 else []
+            committed = self._absorb_ranges(tx, registration.gateway_id, settled)
             site_version = tx.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM intents WHERE site_id = ?",
                 (site.site_id,),
             ).fetchone()[0]
         return RegisterOutcome(
-            committed_seq=int(committed_seq), site_intent_version=int(site_version)
+            committed_seq=committed.committed_seq,
+            site_intent_version=int(site_version),
+            committed_ranges=committed.committed_ranges,
         )
+
+    @staticmethod
+    def _absorb_ranges(
+        tx: sqlite3.Connection, gateway_id: str, new: Sequence[tuple[int, int]]
+    ) -> CommitResult:
+        """Fold `new` into the gateway's watermark and ranges (inside the caller's transaction)."""
+        row = tx.execute(
+            "SELECT committed_seq FROM gateways WHERE gateway_id = ?", (gateway_id,)
+        ).fetchone()
+        watermark = 0 if row is None else int(row[0])
+        ranges = tuple(
+            (int(first), int(last))
+            for first, last in tx.execute(
+                "SELECT first_seq, last_seq FROM committed_ranges WHERE gateway_id = ? "
+                "ORDER BY first_seq",
+                (gateway_id,),
+            )
+        )
+        if not new:
+            return CommitResult(watermark, ranges)
+        new_watermark, new_ranges = absorb(watermark, ranges, new)
+        if new_watermark != watermark:
+            tx.execute(
+                "UPDATE gateways SET committed_seq = ? WHERE gateway_id = ?",
+                (new_watermark, gateway_id),
+            )
+        if new_ranges != ranges:
+            tx.execute("DELETE FROM committed_ranges WHERE gateway_id = ?", (gateway_id,))
+            tx.executemany(
+                "INSERT INTO committed_ranges (gateway_id, first_seq, last_seq) VALUES (?, ?, ?)",
+                [(gateway_id, first, last) for first, last in new_ranges],
+            )
+        return CommitResult(new_watermark, new_ranges)
 
     def _touch_sync(self, streams: Sequence[StreamRef], now_ns: int) -> None:
         with self._transaction() as tx:
@@ -383,13 +423,13 @@ class SqliteStore:
                 (now_ns, stream.gateway_id, stream.stream_id),
             )
 
-    def _commit_telemetry_sync(self, rows: TelemetryRows, now_ns: int) -> int:
+    def _commit_telemetry_sync(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
         with self._transaction() as tx:
             # Dedupe: every table is keyed by (gateway_id, seq); a replayed record is ignored.
             if rows.samples:
                 tx.executemany(
-                    "INSERT OR IGNORE INTO samples (gateway_id, seq, device_id, time_ns, payload) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO samples (gateway_id, seq, device_id, time_ns, payload, "
+                    "boot_id, monotonic_ns, clock_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows.samples,
                 )
             if rows.latest_points:
@@ -459,15 +499,38 @@ class SqliteStore:
                     "VALUES (?, ?, ?)",
                     rows.unknown,
                 )
+            if rows.gaps:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO gaps (gateway_id, seq, through_seq, what, records, "
+                    "points, bytes, first_time_ns, last_time_ns, reason, device_ids, "
+                    "received_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*gap, now_ns) for gap in rows.gaps],
+                )
+            if rows.clock_syncs:
+                tx.executemany(
+                    "INSERT OR IGNORE INTO clock_syncs (gateway_id, seq, boot_id, "
+                    "wall_minus_mono_ns, time_ns) VALUES (?, ?, ?, ?, ?)",
+                    rows.clock_syncs,
+                )
+            if rows.clock_syncs or any(not sample.clock_synced for sample in rows.samples):
+                # Samples stamped before their boot's clock was synced get their true time
+                # (monotonic + the offset measured at sync), whichever of the two came first.
+                tx.execute(
+                    "UPDATE samples SET clock_synced = 1, time_ns = monotonic_ns + ("
+                    "SELECT c.wall_minus_mono_ns FROM clock_syncs c "
+                    "WHERE c.gateway_id = samples.gateway_id AND c.boot_id = samples.boot_id "
+                    "ORDER BY c.seq LIMIT 1) "
+                    "WHERE gateway_id = ? AND clock_synced = 0 AND boot_id IN ("
+                    "SELECT boot_id FROM clock_syncs WHERE gateway_id = ?)",
+                    (rows.gateway_id, rows.gateway_id),
+                )
             tx.execute(
-                "UPDATE gateways SET committed_seq = MAX(committed_seq, ?), last_seen_ns = ? "
-                "WHERE gateway_id = ?",
-                (rows.last_seq, now_ns, rows.gateway_id),
+                "UPDATE gateways SET last_seen_ns = ? WHERE gateway_id = ?",
+                (now_ns, rows.gateway_id),
             )
-            row = tx.execute(
-                "SELECT committed_seq FROM gateways WHERE gateway_id = ?", (rows.gateway_id,)
-            ).fetchone()
-        return int(row[0]) if row is not None else rows.last_seq
+            if rows.last_seq >= rows.first_seq >= 1:
+                return self._absorb_ranges(tx, rows.gateway_id, [(rows.first_seq, rows.last_seq)])
+            return self._absorb_ranges(tx, rows.gateway_id, [])
 
     def _record_delivery_sync(
         self, gateway_id: str, site_id: str, version: int, now_ns: int
@@ -488,7 +551,12 @@ class SqliteStore:
                 "ack_reason, acked_at_ns) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (gateway_id, site_id, version) DO UPDATE SET "
                 "ack_status = excluded.ack_status, ack_reason = excluded.ack_reason, "
-                "acked_at_ns = excluded.acked_at_ns",
+                "acked_at_ns = excluded.acked_at_ns "
+                # A re-delivered copy of a version the gateway already persisted is acked STALE
+                # (MQTT: the broker's queued copy and the push after Register): that answer
+                # must not hide the PERSISTED one.
+                f"WHERE NOT (intent_deliveries.ack_status = {pb.INTENT_ACK_STATUS_PERSISTED} "
+                f"AND excluded.ack_status = {pb.INTENT_ACK_STATUS_STALE})",
                 (gateway_id, ack.site_id, ack.version, ack.status, ack.reason, now_ns),
             )
             if ack.status == pb.INTENT_ACK_STATUS_PERSISTED:
@@ -795,8 +863,49 @@ class SqliteStore:
     async def close_stream(self, stream: StreamRef, now_ns: int) -> None:
         await self._call(self._close_stream_sync, stream, now_ns)
 
-    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> int:
+    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
         return await self._call(self._commit_telemetry_sync, rows, now_ns)
+
+    async def gaps(
+        self, *, site_id: str | None = None, gateway_id: str | None = None, limit: int = 100
+    ) -> list[GapRecord]:
+        return await self._call(self._gaps_sync, site_id, gateway_id, limit)
+
+    def _gaps_sync(
+        self, site_id: str | None, gateway_id: str | None, limit: int
+    ) -> list[GapRecord]:
+        where, params = [], []
+        if gateway_id is not None:
+            where.append("g.gateway_id = ?")
+            params.append(gateway_id)
+        if site_id is not None:
+            where.append("w.site_id = ?")
+            params.append(site_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._conn.execute(
+            "SELECT g.gateway_id, g.seq, g.through_seq, g.what, g.records, g.points, g.bytes, "
+            "g.first_time_ns, g.last_time_ns, g.reason, g.device_ids, g.received_at_ns "
+            f"FROM gaps g JOIN gateways w ON w.gateway_id = g.gateway_id {clause} "
+            "ORDER BY g.received_at_ns DESC, g.gateway_id, g.seq DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [
+            GapRecord(
+                gateway_id=row[0],
+                first_seq=row[1],
+                last_seq=row[2],
+                what=row[3],
+                records=row[4],
+                points=row[5],
+                bytes=row[6],
+                first_time_ns=row[7],
+                last_time_ns=row[8],
+                reason=row[9],
+                device_ids=tuple(filter(None, row[10].split(","))),
+                received_at_ns=row[11],
+            )
+            for row in rows
+        ]
 
     async def record_intent_delivery(
         self, gateway_id: str, site_id: str, version: int, now_ns: int

@@ -6,7 +6,12 @@ link or the HTTP API. Rules every implementation keeps:
 
 * `commit_telemetry` is one transaction per batch, idempotent per (gateway_id, seq): a replayed
   record is ignored, never stored twice. It returns only after the commit is durable, because the
-  caller acks the batch to the gateway as soon as it returns.
+  caller acks the batch to the gateway as soon as it returns. Batches may arrive out of order
+  (a live lane runs ahead of the backlog): the store keeps the contiguous watermark
+  (`gateways.committed_seq`) and the committed ranges above it (`headend_min.seqranges.absorb`)
+  in the same transaction, and applies ClockSync records to unsynced samples of that boot.
+* `register_gateway` counts every seq below the gateway's `oldest_unacked_seq` (or `next_seq`
+  when its outbox is empty) as committed: the gateway only deletes what was acked.
 * `append_intent` allocates the site's next version and runs the composer *inside* the same
   transaction (PostgreSQL: `SELECT ... FOR UPDATE` on the site row), so versions are strictly
   increasing and a composer's exception leaves nothing behind.
@@ -22,9 +27,11 @@ from typing import Protocol
 
 from dergw.v1 import pb
 from headend_min.model import (
+    CommitResult,
     DeviceRecord,
     EventResponseRecord,
     FlexibilityRecord,
+    GapRecord,
     GatewayRecord,
     HistoryPage,
     HistoryQuery,
@@ -102,8 +109,8 @@ class Store(Protocol):
         """Mark the gateway's stream closed, unless a newer stream has replaced it."""
         ...
 
-    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> int:
-        """Store one batch (dedupe on gateway_id+seq) and return the gateway's committed_seq."""
+    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
+        """Store one batch (dedupe on gateway_id+seq); return what is committed for the gateway."""
         ...
 
     async def record_intent_delivery(
@@ -172,6 +179,12 @@ class Store(Protocol):
 
     async def latest_reported_states(self, site_id: str) -> list[ReportedStateRecord]:
         """The newest ReportedState of each gateway of the site."""
+        ...
+
+    async def gaps(
+        self, *, site_id: str | None = None, gateway_id: str | None = None, limit: int = 100
+    ) -> list[GapRecord]:
+        """Gap records (what gateways shed), newest first."""
         ...
 
     async def latest_flexibility(self, site_id: str | None = None) -> list[FlexibilityRecord]:

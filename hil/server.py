@@ -27,6 +27,15 @@ back, but have no effect.
 
 A tripped inverter (`set_device_fault(id, True)`) serves St = FAULT (103) or InvSt = FAULT (701)
 and its trip bit in 103 Evt1 / 701 Alrm, and produces nothing until cleared.
+
+Mixed-protocol sites (a device's `protocol` in the site file): every device keeps its register
+image here (so `state()` decodes its controls whatever its wire), but only "modbus-tcp" devices
+are served by the TCP servers. "modbus-rtu" devices share one `hil.rtu_sim.RtuSiteSimulator`
+bus (same request hooks and faults); an "opcua" battery gets a `hil.opcua_sim.OpcUaBatterySim`
+and a "dnp3" PV inverter a `hil.dnp3_sim.Dnp3PlantSimulator`, both on this simulator's physics
+(they apply their controls to it, it steps it). Their endpoints say how to reach them
+(`Endpoint.protocol`, `serial_port`, `url`, `root`); `protocol_sim(device_id)` hands out the
+protocol simulator for its own fault hooks.
 """
 
 from __future__ import annotations
@@ -36,10 +45,12 @@ import contextlib
 import enum
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +69,11 @@ from hil.physics import (
 )
 from hil.site import DeviceSpec, SiteSpec
 from hil.sunspec_image import PointDef, RegisterBank, build_layout
+
+if TYPE_CHECKING:
+    from hil.dnp3_sim import Dnp3PlantSimulator
+    from hil.opcua_sim import OpcUaBatterySim
+    from hil.rtu_sim import RtuSiteSimulator
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +123,16 @@ class SimulatorError(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoint:
+    """Where a device is served. Modbus TCP: host/port/unit_id; the other protocols add theirs."""
+
     host: str
     port: int
-    unit_id: int
+    unit_id: int  # Modbus unit id; DNP3 outstation address
+    protocol: str = "modbus-tcp"
+    serial_port: str = ""  # modbus-rtu: the pty a client opens
+    baudrate: int = 0  # modbus-rtu
+    url: str = ""  # opcua: the endpoint URL
+    root: str = ""  # opcua: the browse path of the device object
 
 
 @dataclass(frozen=True)
@@ -549,6 +572,9 @@ class SiteSimulator:
         self._encode()
         self._servers: list[ModbusTcpServer] = []
         self._task: asyncio.Task[None] | None = None
+        self.rtu: RtuSiteSimulator | None = None
+        self._protocol_sims: dict[str, OpcUaBatterySim | Dnp3PlantSimulator] = {}
+        self._cert_dir: tempfile.TemporaryDirectory[str] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -558,14 +584,96 @@ class SiteSimulator:
             raise SimulatorError("simulator already started")
         groups: dict[int | str, list[_Device]] = {}
         for dev in self._devices.values():
-            groups.setdefault(self.spec.server_key(dev.spec), []).append(dev)
+            if dev.spec.protocol == "modbus-tcp":
+                groups.setdefault(self.spec.server_key(dev.spec), []).append(dev)
         try:
             for devices in groups.values():
                 await self._start_server(devices)
+            await self._start_protocol_servers()
         except BaseException:
             await self.stop()
             raise
         self._task = asyncio.create_task(self._run_physics(), name=f"hil-physics-{self.spec.name}")
+
+    async def _start_protocol_servers(self) -> None:
+        """The RTU bus, OPC UA and DNP3 servers of the devices that use those protocols."""
+        by_protocol: dict[str, list[_Device]] = {}
+        for dev in self._devices.values():
+            by_protocol.setdefault(dev.spec.protocol, []).append(dev)
+        host = self.spec.host
+        rtu_devs = by_protocol.get("modbus-rtu", [])
+        if rtu_devs:
+            from hil.rtu_sim import RtuSiteSimulator  # imports this module
+
+            baudrate = 38400
+            self.rtu = RtuSiteSimulator(self, [d.spec.id for d in rtu_devs], baudrate=baudrate)
+            await self.rtu.start()
+            for dev in rtu_devs:
+                self.endpoints[dev.spec.id] = Endpoint(
+                    host,
+                    0,
+                    dev.spec.unit_id,
+                    protocol="modbus-rtu",
+                    serial_port=self.rtu.client_port,
+                    baudrate=baudrate,
+                )
+        for dev in by_protocol.get("opcua", []):
+            from hil.opcua_sim import OpcUaBatterySim
+
+            if self._cert_dir is None:
+                self._cert_dir = tempfile.TemporaryDirectory(prefix="dergw-sim-opcua-")
+            opcua = OpcUaBatterySim(
+                cert_dir=Path(self._cert_dir.name) / dev.spec.id,
+                physics=self.physics,
+                battery_index=dev.phys,
+                device=dev.spec.id,
+                serial=dev.spec.id,
+                host=host,
+                port=dev.spec.port or 0,
+                physics_hz=min(self.spec.physics_hz, 10.0),
+                step_physics=False,
+            )
+            self._protocol_sims[dev.spec.id] = opcua
+            await opcua.start()
+            self.endpoints[dev.spec.id] = Endpoint(
+                host,
+                opcua.port,
+                dev.spec.unit_id,
+                protocol="opcua",
+                url=opcua.url,
+                root=dev.spec.id,  # a browse path under Objects, in the simulator's namespace
+            )
+        for dev in by_protocol.get("dnp3", []):
+            from hil.dnp3_sim import Dnp3PlantSimulator
+
+            dnp3 = Dnp3PlantSimulator(
+                host=host,
+                port=dev.spec.port or 0,
+                address=dev.spec.unit_id,
+                physics_hz=min(self.spec.physics_hz, 10.0),
+                physics=self.physics,
+                pv_index=dev.phys,
+                step_physics=False,
+            )
+            self._protocol_sims[dev.spec.id] = dnp3
+            await dnp3.start()
+            self.endpoints[dev.spec.id] = Endpoint(
+                host, dnp3.port, dev.spec.unit_id, protocol="dnp3"
+            )
+        for protocol, devs in by_protocol.items():
+            if protocol != "modbus-tcp":
+                log.info("serving %s over %s", [d.spec.id for d in devs], protocol)
+
+    def protocol_sim(self, device_id: str) -> OpcUaBatterySim | Dnp3PlantSimulator:
+        """The OPC UA or DNP3 simulator serving `device_id` (for its own fault hooks)."""
+        dev = self._device(device_id)
+        sim = self._protocol_sims.get(device_id)
+        if sim is None:
+            raise SimulatorError(
+                f"{device_id!r} is served over {dev.spec.protocol}, not by a protocol simulator "
+                "of its own (or the simulator is not started)"
+            )
+        return sim
 
     async def _start_server(self, devices: list[_Device]) -> None:
         spec = devices[0].spec
@@ -613,6 +721,16 @@ class SiteSimulator:
         servers, self._servers = self._servers, []
         for server in servers:
             await server.shutdown()
+        sims, self._protocol_sims = self._protocol_sims, {}
+        for sim in sims.values():
+            with contextlib.suppress(Exception):
+                await sim.stop()
+        rtu, self.rtu = self.rtu, None
+        if rtu is not None:
+            await rtu.stop()
+        cert_dir, self._cert_dir = self._cert_dir, None
+        if cert_dir is not None:
+            cert_dir.cleanup()
 
     async def __aenter__(self) -> SiteSimulator:
         await self.start()
@@ -977,6 +1095,9 @@ class SiteSimulator:
     def set_fault(self, device_id: str, fault: Fault | None) -> None:
         """Inject (or clear, with None) a fault on one device; takes effect immediately."""
         dev = self._device(device_id)
+        if dev.spec.protocol in ("opcua", "dnp3"):
+            self._set_protocol_fault(dev, fault)
+            return
         if fault is Fault.NAN_METER and dev.spec.kind != "meter":
             raise SimulatorError(f"NAN_METER applies to meters; {device_id!r} is {dev.spec.kind}")
         dev.fault = fault
@@ -985,6 +1106,22 @@ class SiteSimulator:
             self._blank_meter_w(dev)
         elif dev.spec.kind == "meter":
             self._encode_meter(dev.bank)
+
+    def _set_protocol_fault(self, dev: _Device, fault: Fault | None) -> None:
+        """The faults an OPC UA or DNP3 device supports: DNP3 SILENT, OPC UA FROZEN; None clears."""
+        sim = self.protocol_sim(dev.spec.id)
+        from hil.dnp3_sim import Dnp3PlantSimulator
+
+        if isinstance(sim, Dnp3PlantSimulator) and fault in (None, Fault.SILENT):
+            sim.restore() if fault is None else sim.make_silent()
+        elif not isinstance(sim, Dnp3PlantSimulator) and fault in (None, Fault.FROZEN):
+            sim.freeze(fault is Fault.FROZEN)
+        else:
+            raise SimulatorError(
+                f"{dev.spec.id!r} ({dev.spec.protocol}) does not simulate {fault}; use the "
+                "protocol simulator's own hooks (protocol_sim)"
+            )
+        dev.fault = fault
 
     # --- injected conditions (effective at the next physics step) --------------------------------
 
@@ -1106,6 +1243,16 @@ class SiteSimulator:
                     "unit_id": d.unit_id,
                     "role": d.role,
                 }
+                | (
+                    {}
+                    if d.protocol == "modbus-tcp"
+                    else {
+                        "protocol": d.protocol,
+                        "serial_port": self.endpoints[d.id].serial_port,
+                        "url": self.endpoints[d.id].url,
+                        "root": self.endpoints[d.id].root,
+                    }
+                )
                 for d in self.spec.devices
             ],
         }

@@ -11,6 +11,12 @@ Port rules: devices without a `port` share one Modbus TCP server on the site's `
 with the same explicit `port` share that server; a device with `port = 0` gets a server of its
 own on a free port. Port 0 anywhere means "pick a free port" (reported in the endpoints and the
 manifest).
+
+Protocols (`protocol` per device, default "modbus-tcp"): "modbus-rtu" devices share one RS-485
+bus (a socat pty pair; distinct unit ids; no `port`); "opcua" serves a battery as an OPC UA
+server of its own (`port`, default any free port); "dnp3" serves a PV inverter (family "1xx") as
+an IEEE 1815.2 plant controller (outstation address = `unit_id`, `port` default any free port).
+Every device runs on the one site physics whatever its protocol, so the PCC meter sees them all.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ DeviceKind = Literal["pv", "battery", "meter"]
 # Which SunSpec models a device serves: "1xx" = 1/103/120/121/123 (PV), 1/103/120/124/802
 # (battery); "7xx" = the IEEE 1547-2018 models 1/701/702/704 (PV only).
 ModelFamily = Literal["1xx", "7xx"]
+# How a device is served: Modbus TCP (SunSpec), Modbus RTU (SunSpec on the site's RS-485 bus),
+# OPC UA (batteries) or DNP3 / IEEE 1815.2 (PV plant controllers).
+Protocol = Literal["modbus-tcp", "modbus-rtu", "opcua", "dnp3"]
 
 # SunSpec common model (1) stores the serial number (= device id) in a 16-register string.
 _MAX_ID_CHARS = 32
@@ -92,6 +101,7 @@ class DeviceSpec(_Strict):
     id: str
     kind: DeviceKind
     family: ModelFamily = "1xx"
+    protocol: Protocol = "modbus-tcp"
     unit_id: int = Field(ge=1, le=247)
     port: int | None = Field(default=None, ge=0, le=65535)
     base_address: Literal[0, 40000, 50000] = 40000
@@ -152,7 +162,27 @@ class DeviceSpec(_Strict):
                 raise ValueError(f"device {self.id!r}: rating_w does not apply to meters")
         elif self.role is not None:
             raise ValueError(f"device {self.id!r}: role only applies to meters")
+        self._check_protocol()
         return self
+
+    def _check_protocol(self) -> None:
+        if self.protocol == "opcua" and self.kind != "battery":
+            raise ValueError(
+                f"device {self.id!r}: protocol 'opcua' is simulated for batteries only "
+                "(the OPC UA battery PCS)"
+            )
+        if self.protocol == "dnp3" and (self.kind != "pv" or self.family != "1xx"):
+            raise ValueError(
+                f"device {self.id!r}: protocol 'dnp3' is simulated for PV inverters of family "
+                "'1xx' only (an IEEE 1815.2 plant controller)"
+            )
+        if self.protocol == "modbus-rtu" and self.port is not None:
+            raise ValueError(
+                f"device {self.id!r}: port does not apply to protocol 'modbus-rtu' (the site's "
+                "RS-485 bus is a pty pair)"
+            )
+        if self.protocol in ("opcua", "dnp3") and self.base_address != 40000:
+            raise ValueError(f"device {self.id!r}: base_address only applies to Modbus protocols")
 
     @property
     def charge_w(self) -> float:
@@ -188,10 +218,14 @@ class SiteSpec(_Strict):
             raise ValueError(f"a site has at most one PCC meter, got {', '.join(meters)}")
         seen: dict[tuple[object, int], str] = {}
         for device in self.devices:
-            key = (self.server_key(device), device.unit_id)
+            if device.protocol in ("opcua", "dnp3"):
+                continue  # a server of their own each
+            bus: object = "rtu" if device.protocol == "modbus-rtu" else self.server_key(device)
+            key = (bus, device.unit_id)
             if key in seen:
+                where = "the RS-485 bus" if bus == "rtu" else f"port {key[0]}"
                 raise ValueError(
-                    f"devices {seen[key]!r} and {device.id!r} share port {key[0]} and unit_id "
+                    f"devices {seen[key]!r} and {device.id!r} share {where} and unit_id "
                     f"{device.unit_id}; give one of them another unit_id or port"
                 )
             seen[key] = device.id

@@ -31,20 +31,23 @@ Behaviour that callers rely on (drivers.contract):
     then ok with a `reason` saying the reversion cap could not be set. Model 123 has no
     reversion values: there `revert_cap_w` cannot be honoured (same note).
   * One asyncio.Lock serialises all I/O of a driver: reads and writes may come from different tasks.
+  * Transport (`drivers.sunspec.transport`): `transport = "tcp"` is one connection per device;
+    `transport = "rtu"` puts the device on a serial bus shared with every device configured on
+    the same port: one FIFO lock per bus taken per request, t3.5 inter-frame pacing, and a
+    failed request re-opens the port (inside the bus lock) instead of closing a TCP socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pymodbus.client import AsyncModbusTcpClient
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers.contract import (
     Control,
@@ -58,23 +61,28 @@ from drivers.contract import (
     Quality,
     Reading,
     WriteResult,
+    check_setpoint,
 )
 from drivers.sunspec import codec, models, profile, status
+from drivers.sunspec.transport import LinkDown, ModbusLink, RtuLink, SerialSettings, TcpLink
 from gateway.clock import Clock
 from gateway.safety import SafeSetpoint
 
 __all__ = [
     "MAX_READ_REGISTERS",
     "PROTOCOL",
+    "PROTOCOL_RTU",
     "ModelInstance",
     "ReadPlan",
     "ReadRequest",
     "SunSpecModbusDriver",
     "SunSpecModbusParams",
+    "make_link",
     "plan_reads",
 ]
 
 PROTOCOL: Final = "sunspec-modbus-tcp"
+PROTOCOL_RTU: Final = "sunspec-modbus-rtu"
 MAX_READ_REGISTERS: Final = 125  # Modbus FC03 limit (pysunspec2 REQ_COUNT_MAX)
 SUNS_MARKER: Final = (0x5375, 0x6E53)  # "SunS"
 END_MODEL_ID: Final = 0xFFFF
@@ -98,6 +106,7 @@ _STOR_CHARGE: Final = 0b01  # model 124 StorCtl_Mod bit 0
 _STOR_DISCHARGE: Final = 0b10  # bit 1
 _WSET_MOD_WATTS: Final = 1.0  # model 704 WSetMod
 
+T = TypeVar("T")
 U16 = npt.NDArray[np.uint16]
 F64 = npt.NDArray[np.float64]
 # Model blocks read in one pass, by model id (first instance): the instance and its registers.
@@ -105,12 +114,23 @@ _Blocks = dict[int, tuple["ModelInstance", U16]]
 
 
 class SunSpecModbusParams(BaseModel):
-    """The `params` table of a `driver = "sunspec-modbus"` device."""
+    """The `params` table of a `driver = "sunspec-modbus"` device.
+
+    `transport = "tcp"` (default) needs `host` (and `port`); `transport = "rtu"` needs
+    `serial_port` (e.g. "/dev/ttyUSB0") and the line settings shared by every device on that
+    RS-485 bus (`baudrate`, `parity`, `stopbits`, `bytesize`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(min_length=1)
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str = ""
     port: int = Field(default=502, ge=1, le=65535)
+    serial_port: str = ""
+    baudrate: int = Field(default=19200, ge=300, le=4_000_000)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
     unit_id: int = Field(default=1, ge=1, le=247)
     timeout_s: float = Field(default=1.0, gt=0.0, le=60.0)
     base_addresses: tuple[int, ...] = (40000, 0, 50000)
@@ -125,6 +145,27 @@ class SunSpecModbusParams(BaseModel):
             if not 0 <= b <= 0xFFFF - 4:
                 raise ValueError(f"base address {b} is not a Modbus register address")
         return bases
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> SunSpecModbusParams:
+        if self.transport == "tcp" and not self.host:
+            raise ValueError('transport "tcp" needs host (the device or Modbus gateway address)')
+        if self.transport == "rtu" and not self.serial_port:
+            raise ValueError('transport "rtu" needs serial_port (e.g. "/dev/ttyUSB0")')
+        return self
+
+    @property
+    def serial(self) -> SerialSettings:
+        return SerialSettings(
+            self.serial_port, self.baudrate, self.parity, self.stopbits, self.bytesize
+        )
+
+
+def make_link(params: SunSpecModbusParams, name: str) -> ModbusLink:
+    """The link `params` describe: a TCP connection or a place on a shared serial bus."""
+    if params.transport == "rtu":
+        return RtuLink(params.serial, params.timeout_s)
+    return TcpLink(params.host, params.port, params.timeout_s, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +341,7 @@ class _Discovery:
 
 
 class SunSpecModbusDriver:
-    """A `drivers.contract.Driver` for one SunSpec device over Modbus TCP."""
+    """A `drivers.contract.Driver` for one SunSpec device over Modbus TCP or RTU."""
 
     def __init__(
         self, device_id: str, kind: DeviceKind, params: SunSpecModbusParams, clock: Clock
@@ -309,9 +350,10 @@ class SunSpecModbusDriver:
         self._kind = DeviceKind(kind)
         self._params = params
         self._clock = clock
-        self._address = f"{params.host}:{params.port}/unit {params.unit_id}"
+        self._link = make_link(params, f"sunspec:{device_id}")
+        self._address = f"{self._link.address}/unit {params.unit_id}"
+        self._protocol = PROTOCOL_RTU if params.transport == "rtu" else PROTOCOL
         self._lock = asyncio.Lock()
-        self._client: AsyncModbusTcpClient | None = None
         self._base: int | None = None
         self._models: tuple[ModelInstance, ...] = ()
         self._first: dict[int, ModelInstance] = {}
@@ -394,15 +436,7 @@ class SunSpecModbusDriver:
 
     async def write(self, setpoint: SafeSetpoint) -> WriteResult:
         """Write a SafeSetpoint, verify by read-back; ok=False with a reason on any failure."""
-        if not isinstance(setpoint, SafeSetpoint):
-            raise TypeError(
-                f"{self._device_id}: write() accepts only gateway.safety.SafeSetpoint "
-                f"(from enforce()), got {type(setpoint).__name__}"
-            )
-        if setpoint.device_id != self._device_id:
-            raise ValueError(
-                f"setpoint for device {setpoint.device_id!r} sent to driver of {self._device_id!r}"
-            )
+        check_setpoint(setpoint, self._device_id)
         if self._compiled is None:
             return self._write_result(False, reason="not connected: connect() has not succeeded")
         async with self._lock:
@@ -419,58 +453,38 @@ class SunSpecModbusDriver:
 
     async def close(self) -> None:
         async with self._lock:
-            self._drop_client()
+            await self._link.close()
             self._state = LinkState.DISCONNECTED
 
     # ------------------------------------------------------------------ link and requests
 
-    def _new_client(self) -> AsyncModbusTcpClient:
-        # retries=0: one timeout is one failure (the poller owns retry policy);
-        # reconnect_delay=0: no background reconnects, the next read() reconnects lazily.
-        return AsyncModbusTcpClient(
-            self._params.host,
-            port=self._params.port,
-            timeout=self._params.timeout_s,
-            retries=0,
-            reconnect_delay=0,
-            name=f"sunspec:{self._device_id}",
-        )
+    @property
+    def link(self) -> ModbusLink:
+        """The transport (TCP connection or place on a shared RTU bus)."""
+        return self._link
 
     async def _ensure_link(self) -> None:
-        if self._client is not None and self._client.connected:
-            return
-        self._drop_client()
-        client = self._new_client()
         try:
-            async with asyncio.timeout(self._params.timeout_s + 0.5):
-                ok = await client.connect()
-        except (TimeoutError, OSError) as exc:
-            client.close()
-            raise _LinkError(
-                f"cannot connect to {self._address}: {exc or type(exc).__name__}"
-            ) from exc
-        if not ok:
-            client.close()
-            raise _LinkError(
-                f"cannot connect to {self._address}: check host, port and that the device is up"
-            )
-        self._client = client
+            await self._link.ensure()
+        except LinkDown as exc:
+            raise _LinkError(str(exc)) from exc
 
     def _drop_client(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._link.drop()
 
     async def _read_regs(self, address: int, count: int) -> list[int]:
-        client = self._client
-        if client is None:
-            raise _LinkError("not connected")
+        unit = self._params.unit_id
         try:
             # pymodbus enforces timeout_s per request; the outer bound only guards its internals.
-            async with asyncio.timeout(self._params.timeout_s + 1.0):
-                rr = await client.read_holding_registers(
-                    address, count=count, device_id=self._params.unit_id
+            # (On a shared RTU bus the wait for its turn comes before, outside this bound.)
+            rr = await self._link.call(
+                lambda c: _bounded(
+                    c.read_holding_registers(address, count=count, device_id=unit),
+                    self._params.timeout_s + 1.0,
                 )
+            )
+        except LinkDown as exc:
+            raise _LinkError(str(exc)) from exc
         except Exception as exc:  # pymodbus raises several types; all mean "no valid answer"
             raise _LinkError(
                 f"reading {count} registers at {address}: {type(exc).__name__}: {exc}"
@@ -488,15 +502,17 @@ class SunSpecModbusDriver:
         return regs
 
     async def _write_regs(self, address: int, words: Sequence[int]) -> None:
-        client = self._client
-        if client is None:
-            raise _LinkError("not connected")
+        unit = self._params.unit_id
         try:
-            async with asyncio.timeout(self._params.timeout_s + 1.0):
-                # Always FC16, even for one register: some inverters reject FC06.
-                rr = await client.write_registers(
-                    address, list(words), device_id=self._params.unit_id
+            # Always FC16, even for one register: some inverters reject FC06.
+            rr = await self._link.call(
+                lambda c: _bounded(
+                    c.write_registers(address, list(words), device_id=unit),
+                    self._params.timeout_s + 1.0,
                 )
+            )
+        except LinkDown as exc:
+            raise _LinkError(str(exc)) from exc
         except Exception as exc:  # see _read_regs
             raise _LinkError(
                 f"writing {len(words)} registers at {address}: {type(exc).__name__}: {exc}"
@@ -600,7 +616,7 @@ class SunSpecModbusDriver:
         info = DeviceInfo(
             device_id=self._device_id,
             kind=self._kind,
-            protocol=PROTOCOL,
+            protocol=self._protocol,
             address=self._address,
             manufacturer=manufacturer,
             model=model_name,
@@ -1084,6 +1100,11 @@ class SunSpecModbusDriver:
             )
         notes = [op.note for op, _ in written if op.note is not None]
         return self._write_result(True, readback=readback, reason="; ".join(notes) or None)
+
+
+async def _bounded(request: Awaitable[T], timeout_s: float) -> T:
+    async with asyncio.timeout(timeout_s):
+        return await request
 
 
 def _value(blocks: _Blocks, mid: int, point: str) -> float | None:

@@ -20,18 +20,26 @@ from pathlib import Path
 from dergw.v1 import pb
 from drivers.contract import DeviceInfo, Driver
 from drivers.registry import DRIVERS, create_driver
+from gateway.bootid import kernel_boot_id
 from gateway.clock import Clock, SystemClock
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.history import History
 from gateway.intent_store import IntentSiteMismatchError, IntentStore, OfferResult
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, RecordKind
 from gateway.runtime.control import ControlLoop
 from gateway.runtime.flex import FlexReporter
 from gateway.runtime.poller import DevicePoller
 from gateway.runtime.recorder import Recorder
-from gateway.runtime.uplink import GrpcUplink
+from gateway.runtime.uplink import Uplink, create_transport
 from gateway.snapshot import DeviceSlot, SiteSnapshot
-from gateway.wire import IntentError, device_to_pb, intent_from_pb, placeholder_device_pb
+from gateway.timesync import ClockSyncPoint, ClockTrust, SampleClock
+from gateway.wire import (
+    IntentError,
+    clock_sync_payload,
+    device_to_pb,
+    intent_from_pb,
+    placeholder_device_pb,
+)
 
 __all__ = ["Gateway", "main"]
 
@@ -64,7 +72,9 @@ class Gateway:
         self.boot_id = uuid.uuid4().hex
         state_dir = Path(config.gateway.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(state_dir / "outbox.sqlite3", clock=self.clock)
+        self.outbox = Outbox(
+            state_dir / "outbox.sqlite3", clock=self.clock, quota_bytes=config.outbox.quota_bytes
+        )
         self.store = IntentStore(state_dir / "intent.sqlite3", clock=self.clock)
         self.drivers: dict[str, Driver] = {
             d.id: create_driver(d.driver, d.id, d.kind, d.params, self.clock)
@@ -75,6 +85,13 @@ class Gateway:
             stale_periods=config.control.meter_stale_periods,
         )
         self.recorder = Recorder(self.outbox, commit_interval_s=config.outbox.commit_interval_s)
+        # Time integrity of samples: kernel boot id, clock trust, one ClockSync when trusted.
+        self.sample_clock = SampleClock(
+            ClockTrust(config.control.clock_trust),
+            self.clock,
+            boot_id=kernel_boot_id(),
+            on_sync=self._on_clock_sync,
+        )
         self.history = History(state_dir / "history.sqlite3", clock=self.clock)
         self.flex = FlexReporter(
             config,
@@ -95,8 +112,11 @@ class Gateway:
             flex=self.flex,
         )
         self.inventory_changed = asyncio.Event()
-        self.uplink = GrpcUplink(
+        self.uplink = Uplink(
             config.uplink,
+            transport=create_transport(
+                config.uplink, gateway_id=config.gateway.id, boot_id=self.boot_id
+            ),
             gateway_id=config.gateway.id,
             outbox=self.outbox,
             recorder=self.recorder,
@@ -183,6 +203,17 @@ class Gateway:
     def _on_discovered(self, info: DeviceInfo) -> None:
         self.inventory_changed.set()
 
+    def _on_clock_sync(self, point: ClockSyncPoint) -> None:
+        log.info(
+            "wall clock trusted (boot %s): wall - monotonic = %d ns",
+            point.boot_id,
+            point.wall_minus_mono_ns,
+        )
+        self.recorder.record(
+            RecordKind.CLOCK_SYNC,
+            clock_sync_payload(point.boot_id, point.wall_minus_mono_ns, point.wall_ns),
+        )
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -206,6 +237,7 @@ class Gateway:
                 snapshot=self.snapshot,
                 recorder=self.recorder,
                 clock=self.clock,
+                sample_clock=self.sample_clock,
                 on_discovered=self._on_discovered,
             )
             tasks.append(

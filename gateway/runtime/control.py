@@ -452,6 +452,10 @@ class ControlLoop:
         )
         self._kernel_state = enforcement.state
         notes = (*gate_notes, *enforcement.notes)
+        storage = self._recorder.storage_condition
+        if storage:
+            # Control goes on; what cannot be stored is counted and reported as a gap later.
+            notes = (*notes, f"outbox storage: {storage}")
         notes_changed = notes != self._notes
         self._notes = notes
 
@@ -518,9 +522,22 @@ class ControlLoop:
     async def _write_all(self, setpoints: Sequence[SafeSetpoint]) -> list[WriteResult]:
         if not setpoints:
             return []
-        return list(
-            await asyncio.gather(*(self._drivers[sp.device_id].write(sp) for sp in setpoints))
-        )
+        return list(await asyncio.gather(*(self._write_one(sp) for sp in setpoints)))
+
+    async def _write_one(self, setpoint: SafeSetpoint) -> WriteResult:
+        timeout_s = self._control.write_timeout_s
+        try:
+            return await asyncio.wait_for(
+                self._drivers[setpoint.device_id].write(setpoint), timeout=timeout_s
+            )
+        except TimeoutError:
+            return WriteResult(
+                setpoint.device_id,
+                False,
+                self._clock.wall_ns(),
+                reason=f"write did not complete within {timeout_s:g} s ([control] "
+                "write_timeout_s): the driver is hung; treated as not written",
+            )
 
     def _outcomes(self) -> dict[str, DeviceOutcome]:
         outcomes: dict[str, DeviceOutcome] = {}

@@ -3,7 +3,8 @@
 A device that cannot be reached is retried with exponential backoff and full jitter; it never
 stalls the other pollers, the control loop or the uplink. Every reading, good or bad, goes into the
 snapshot and (as telemetry) into the recorder; a failed read is recorded as bad quality with its
-own fresh timestamp, never as the last good values re-stamped.
+own fresh timestamp, never as the last good values re-stamped. Each sample carries the kernel boot
+id and whether the wall clock was trusted when the read began (gateway.timesync.SampleClock).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.clock import Clock
 from gateway.outbox import RecordKind
 from gateway.runtime.recorder import Recorder
 from gateway.snapshot import SiteSnapshot
+from gateway.timesync import SampleClock
 from gateway.wire import sample_payload
 
 __all__ = ["DevicePoller"]
@@ -36,10 +38,12 @@ class DevicePoller:
         snapshot: SiteSnapshot,
         recorder: Recorder,
         clock: Clock,
+        sample_clock: SampleClock,
         on_discovered: Callable[[DeviceInfo], None],
         max_backoff_s: float = 30.0,
     ) -> None:
         self._driver = driver
+        self._sample_clock = sample_clock
         self._period_ns = round(poll_period_s * NS_PER_S)
         self._snapshot = snapshot
         self._recorder = recorder
@@ -80,9 +84,13 @@ class DevicePoller:
         next_due = self._clock.mono_ns()
         failing = False
         while True:
+            synced = self._sample_clock.synced()  # before the read: see SampleClock.synced
             reading = await self._driver.read()
             self._snapshot.update(reading)
-            self._recorder.record(RecordKind.SAMPLE, sample_payload(reading))
+            self._recorder.record(
+                RecordKind.SAMPLE,
+                sample_payload(reading, boot_id=self._sample_clock.boot_id, clock_synced=synced),
+            )
             if not reading.ok and not failing:
                 log.warning("%s: read failed: %s", info.device_id, reading.error)
             elif reading.ok and failing:

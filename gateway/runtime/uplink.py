@@ -1,13 +1,21 @@
-"""The uplink over gRPC: the gateway dials out to the headend and keeps one stream open.
+"""The uplink: one session at a time with the headend, over gRPC or MQTT, same rules.
 
-Per session: send Register, wait for RegisterAck (which tells us what the headend already
-committed), then concurrently
-  * drain the outbox oldest-first in batches, with at most `inflight_batches` unacknowledged;
-    rows are deleted only when the headend's Ack covers them (after its own commit);
-  * receive Acks and IntentDocuments; an intent is validated and persisted before it is
-    acknowledged (IntentAck), and only then handed to the control loop.
+Per session (`gateway.runtime.transport` moves the messages):
+  1. send Register, wait for RegisterAck (a RetryAfter instead ends the session: the headend is
+     admitting a reconnecting fleet and says when to come back);
+  2. reconcile with what the headend already committed (its watermark and the ranges above it):
+     delete those rows, never resend them;
+  3. then, concurrently:
+     * the LIVE lane sends every row appended since the session started, as soon as the recorder
+       commits it;
+     * the BACKLOG lane drains the rows held from before, oldest first, paced (records/s, set by
+       the headend's RegisterAck or the config) and only while the live lane has nothing waiting,
+       so a long outage's backlog never delays live data;
+     * Acks delete rows (the watermark and the acked ranges) after the headend's commit;
+     * IntentDocuments are validated and persisted before they are acknowledged (IntentAck), and
+       only then handed to the control loop (the `on_intent` callback does all of that).
 A broken session is retried forever with full-jitter exponential backoff (tenacity), reset after
-a session that stayed up. HTTP/2 keepalive detects dead peers. The gateway never listens.
+a session that stayed up. The gateway only dials out.
 """
 
 from __future__ import annotations
@@ -15,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -27,16 +35,27 @@ from dergw.v1 import MAX_RECORDS_PER_BATCH, grpc_channel_options, pb
 from dergw.v1.dergw_pb2_grpc import GatewayLinkStub
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
-from gateway.outbox import AckBeyondHeadError, Outbox
+from gateway.outbox import AckBeyondHeadError, Outbox, OutboxRow
 from gateway.runtime.recorder import Recorder
+from gateway.runtime.transport import TransportClosedError, UplinkTransport
 
-__all__ = ["GrpcUplink", "UplinkHealth", "UplinkProtocolError"]
+__all__ = [
+    "GrpcTransport",
+    "RetryAfterError",
+    "Uplink",
+    "UplinkHealth",
+    "UplinkProtocolError",
+    "create_transport",
+]
 
 log = logging.getLogger(__name__)
 
 # A session that stayed up this long resets the backoff to its first step.
 HEALTHY_SESSION_S = 30.0
 REGISTER_TIMEOUT_S = 10.0
+# Register again this often while no RegisterAck came: over MQTT a Register published while no
+# headend was subscribed (all of them reconnecting to a restarted broker) is simply gone.
+REGISTER_RESEND_S = 2.0
 
 _BODY_FIELD = {
     field_descriptor.number: field_descriptor.name
@@ -48,8 +67,18 @@ class UplinkProtocolError(Exception):
     """The headend broke the protocol (e.g. no RegisterAck first); the session is dropped."""
 
 
+class RetryAfterError(Exception):
+    """The headend asked this gateway to come back later (admission control)."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(f"headend asked to retry after {seconds:g} s: {reason}")
+        self.seconds = seconds
+
+
 @dataclass(slots=True)
 class UplinkHealth:
+    transport: str = ""
+    target: str = ""
     connected: bool = False
     sessions: int = 0
     reconnects: int = 0
@@ -57,6 +86,10 @@ class UplinkHealth:
     last_ack_mono_ns: int | None = None
     acked_seq: int = 0
     sent_batches: int = 0
+    sent_live_batches: int = 0
+    sent_backlog_batches: int = 0
+    backlog_records_per_s: float = 0.0
+    retry_after_count: int = 0
     next_retry_s: float = 0.0
     intents_received: int = 0
     # Since when the headend has been unreachable (monotonic ns); None while connected.
@@ -64,11 +97,136 @@ class UplinkHealth:
     notes: list[str] = field(default_factory=list)
 
 
-class GrpcUplink:
+class GrpcTransport:
+    """`UplinkTransport` over one gRPC bidi stream (`dergw.v1.GatewayLink/Connect`)."""
+
+    name = "grpc"
+
+    def __init__(self, target: str, *, keepalive_s: float) -> None:
+        self.target = target
+        self._keepalive_s = keepalive_s
+        self._channel: grpc.aio.Channel | None = None
+        self._call: grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage] | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        options = grpc_channel_options(keepalive_s=self._keepalive_s)
+        self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        # No request iterator: this side writes with call.write() (reader/writer style). A dead
+        # headend shows up as an error on the first write or read.
+        self._call = GatewayLinkStub(self._channel).Connect(None)
+
+    def _require_call(self) -> grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage]:
+        if self._call is None:
+            raise TransportClosedError("gRPC stream is not open")
+        return self._call
+
+    async def send(self, message: pb.UpMessage) -> None:
+        call = self._require_call()
+        try:
+            async with self._write_lock:
+                await call.write(message)
+        except grpc.aio.AioRpcError as exc:
+            raise TransportClosedError(f"{exc.code().name}: {exc.details()}") from exc
+        except asyncio.InvalidStateError as exc:  # written after the RPC ended
+            raise TransportClosedError("gRPC stream already ended") from exc
+
+    async def receive(self) -> pb.DownMessage:
+        call = self._require_call()
+        try:
+            message = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise TransportClosedError(f"{exc.code().name}: {exc.details()}") from exc
+        if not isinstance(message, pb.DownMessage):  # grpc.aio.EOF
+            raise TransportClosedError("headend closed the stream")
+        return message
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+
+def create_transport(config: UplinkConfig, *, gateway_id: str, boot_id: str) -> UplinkTransport:
+    """The transport the config names (`[uplink] transport = "grpc" | "mqtt"`)."""
+    if config.transport == "mqtt":
+        from gateway.runtime.mqtt_transport import MqttTransport
+
+        return MqttTransport(config, gateway_id=gateway_id, boot_id=boot_id)
+    return GrpcTransport(config.target, keepalive_s=config.keepalive_s)
+
+
+class _Pace:
+    """Token bucket in records/s for the backlog lane (0 = unpaced)."""
+
+    def __init__(self, records_per_s: float, burst: int) -> None:
+        self.records_per_s = records_per_s
+        self._burst = float(max(burst, 1))
+        self._tokens = self._burst
+        self._updated = time.monotonic()
+
+    def wait_s(self, records: int) -> float:
+        """Seconds until `records` may be sent (0 = now); takes the tokens when it returns 0."""
+        if self.records_per_s <= 0:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._updated) * self.records_per_s)
+        self._updated = now
+        if self._tokens >= records:
+            self._tokens -= records
+            return 0.0
+        return (records - self._tokens) / self.records_per_s
+
+
+@dataclass(slots=True)
+class _Lanes:
+    """Where each lane stands in one session; in flight = sent, not yet acknowledged."""
+
+    live_cursor: int  # last seq sent on the live lane (rows above it are new)
+    backlog_cursor: int  # last seq sent on the backlog lane
+    live_start: int  # first seq of the live lane; the backlog is everything below
+    live_inflight: list[tuple[int, int]] = field(default_factory=list)
+    backlog_inflight: list[tuple[int, int]] = field(default_factory=list)
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    # When an ack last made progress, or the first batch went out after a quiet spell.
+    progress_mono: float = field(default_factory=time.monotonic)
+
+    def sent(self) -> None:
+        if not self.live_inflight and not self.backlog_inflight:
+            self.progress_mono = time.monotonic()
+
+    def stalled_s(self) -> float:
+        """How long batches have waited for an ack without any progress (0 = none in flight)."""
+        if not self.live_inflight and not self.backlog_inflight:
+            return 0.0
+        return time.monotonic() - self.progress_mono
+
+    @property
+    def backlog_done(self) -> bool:
+        return self.backlog_cursor >= self.live_start - 1
+
+    def settle(self, up_to_seq: int, ranges: list[tuple[int, int]]) -> None:
+        def covered(batch: tuple[int, int]) -> bool:
+            first, last = batch
+            return last <= up_to_seq or any(lo <= first and last <= hi for lo, hi in ranges)
+
+        before = len(self.live_inflight) + len(self.backlog_inflight)
+        self.live_inflight = [b for b in self.live_inflight if not covered(b)]
+        self.backlog_inflight = [b for b in self.backlog_inflight if not covered(b)]
+        if len(self.live_inflight) + len(self.backlog_inflight) < before:
+            self.progress_mono = time.monotonic()
+        self.acked.set()
+
+
+class Uplink:
     def __init__(
         self,
         config: UplinkConfig,
         *,
+        transport: UplinkTransport,
         gateway_id: str,
         outbox: Outbox,
         recorder: Recorder,
@@ -78,6 +236,7 @@ class GrpcUplink:
         clock: Clock,
     ) -> None:
         self._config = config
+        self._transport = transport
         self._gateway_id = gateway_id
         self._outbox = outbox
         self._recorder = recorder
@@ -86,7 +245,9 @@ class GrpcUplink:
         self._inventory_changed = inventory_changed
         self._clock = clock
         self._wait = wait_random_exponential(multiplier=0.5, max=config.reconnect_max_s)
-        self.health = UplinkHealth(down_since_mono_ns=clock.mono_ns())
+        self.health = UplinkHealth(
+            transport=transport.name, target=transport.target, down_since_mono_ns=clock.mono_ns()
+        )
 
     def offline_for_s(self) -> float | None:
         """How long the headend has been unreachable (None while connected)."""
@@ -97,25 +258,41 @@ class GrpcUplink:
         attempt = 0
         while True:
             started = time.monotonic()
+            retry_after_s: float | None = None
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                self.health.last_error = f"{exc.code().name}: {exc.details()}"
-            except (UplinkProtocolError, TimeoutError, ConnectionError, OSError) as exc:
+            except RetryAfterError as exc:
+                retry_after_s = exc.seconds
+                self.health.retry_after_count += 1
+                self.health.last_error = str(exc)
+            except (
+                UplinkProtocolError,
+                TimeoutError,
+                ConnectionError,
+                OSError,
+                grpc.aio.AioRpcError,
+            ) as exc:
                 self.health.last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 was_connected = self.health.connected
                 self.health.connected = False
                 if was_connected:
                     self.health.down_since_mono_ns = self._clock.mono_ns()
+                with contextlib.suppress(Exception):
+                    await self._transport.close()
             if was_connected:
                 log.warning("uplink lost: %s", self.health.last_error)
             attempt = 1 if time.monotonic() - started > HEALTHY_SESSION_S else attempt + 1
-            state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-            state.attempt_number = attempt
-            delay = self._wait(state)
+            if retry_after_s is not None:
+                # The headend's delay plus our own jitter, so refused gateways don't come back
+                # in lockstep.
+                delay = retry_after_s + random.uniform(0, retry_after_s / 2)
+            else:
+                state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+                state.attempt_number = attempt
+                delay = self._wait(state)
             self.health.next_retry_s = delay
             if attempt in (1, 2) or attempt % 20 == 0:
                 log.info("uplink: retrying in %.1f s (%s)", delay, self.health.last_error)
@@ -123,126 +300,213 @@ class GrpcUplink:
             self.health.reconnects += 1
 
     async def _session(self) -> None:
-        options = grpc_channel_options(keepalive_s=self._config.keepalive_s)
-        async with grpc.aio.insecure_channel(self._config.target, options=options) as channel:
-            # No request iterator: this side writes with call.write() (reader/writer style).
-            call = GatewayLinkStub(channel).Connect(None)
-            write_lock = asyncio.Lock()
+        transport = self._transport
+        await transport.connect()
+        self._inventory_changed.clear()
+        await transport.send(pb.UpMessage(register=self._register()))
+        register_ack = await self._await_register_ack()
+        lanes = await self._on_register_ack(register_ack)
+        self.health.connected = True
+        self.health.down_since_mono_ns = None
+        self.health.sessions += 1
+        log.info(
+            "uplink connected to %s over %s (committed seq %d, backlog %d records)",
+            transport.target,
+            transport.name,
+            register_ack.committed_seq,
+            max(0, lanes.live_start - 1 - lanes.backlog_cursor),
+        )
+        pace_records_per_s = float(
+            register_ack.backlog_records_per_s or self._config.backlog_records_per_s
+        )
+        self.health.backlog_records_per_s = pace_records_per_s
+        sender = asyncio.create_task(self._send_loop(lanes, pace_records_per_s))
+        reader: asyncio.Future[pb.DownMessage] | None = None
+        try:
+            while True:
+                reader = asyncio.ensure_future(transport.receive())
+                done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+                if sender in done:
+                    sender.result()  # re-raise what stopped the sender
+                    raise UplinkProtocolError("sender stopped")
+                message, reader = reader.result(), None
+                await self._dispatch(message, lanes)
+        finally:
+            for task in (sender, reader):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
-            async def send(message: pb.UpMessage) -> None:
-                async with write_lock:
-                    await call.write(message)
+    async def _await_register_ack(self) -> pb.RegisterAck:
+        deadline = time.monotonic() + REGISTER_TIMEOUT_S
+        resend_at = time.monotonic() + REGISTER_RESEND_S
+        # One receive in flight across the waits (cancelling a transport read is not free).
+        receiving: asyncio.Future[pb.DownMessage] | None = None
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(f"no RegisterAck within {REGISTER_TIMEOUT_S:g} s")
+                if now >= resend_at:
+                    resend_at = now + REGISTER_RESEND_S
+                    await self._transport.send(pb.UpMessage(register=self._register()))
+                if receiving is None:
+                    receiving = asyncio.ensure_future(self._transport.receive())
+                done, _ = await asyncio.wait({receiving}, timeout=min(deadline, resend_at) - now)
+                if not done:
+                    continue
+                message, receiving = receiving.result(), None
+                answer = await self._register_answer(message)
+                if answer is not None:
+                    return answer
+        finally:
+            if receiving is not None:
+                receiving.cancel()
 
-            self._inventory_changed.clear()
-            await send(pb.UpMessage(register=self._register()))
-            first = await asyncio.wait_for(call.read(), timeout=REGISTER_TIMEOUT_S)
-            if not isinstance(first, pb.DownMessage) or not first.HasField("register_ack"):
-                raise UplinkProtocolError("headend did not answer Register with RegisterAck")
-            last_sent = await self._on_register_ack(first.register_ack)
-            self.health.connected = True
-            self.health.down_since_mono_ns = None
-            self.health.sessions += 1
-            log.info("uplink connected to %s (committed seq %d)", self._config.target, last_sent)
+    async def _register_answer(self, message: pb.DownMessage) -> pb.RegisterAck | None:
+        """The RegisterAck, None for a message to skip while waiting for it; raises otherwise."""
+        body = message.WhichOneof("body")
+        if body == "register_ack":
+            return message.register_ack
+        if body == "retry_after":
+            raise RetryAfterError(message.retry_after.seconds, message.retry_after.reason)
+        if body == "intent":
+            # MQTT delivers intents queued in the persistent session as soon as we connect,
+            # possibly before the RegisterAck: they are handled the same way.
+            await self._handle_intent(message.intent)
+            return None
+        if body == "ack":
+            return None  # a late ack of the previous session; the RegisterAck supersedes it
+        raise UplinkProtocolError(
+            f"headend answered Register with `{body or 'an empty message'}`, not RegisterAck"
+        )
 
-            inflight: deque[int] = deque()
-            acked = asyncio.Event()
-            sender = asyncio.create_task(self._send_loop(send, last_sent, inflight, acked))
-            try:
-                while True:
-                    reader = asyncio.ensure_future(call.read())
-                    done, _ = await asyncio.wait(
-                        {reader, sender}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if sender in done:
-                        reader.cancel()
-                        sender.result()  # re-raise what stopped the sender
-                        raise UplinkProtocolError("sender stopped")
-                    message = reader.result()
-                    if not isinstance(message, pb.DownMessage):  # grpc.aio.EOF
-                        raise ConnectionError("headend closed the stream")
-                    await self._dispatch(message, send, inflight, acked)
-            finally:
-                sender.cancel()
-                call.cancel()
-
-    async def _on_register_ack(self, ack: pb.RegisterAck) -> int:
-        """Reconcile with what the headend already committed; return the last seq to skip."""
+    async def _on_register_ack(self, ack: pb.RegisterAck) -> _Lanes:
+        """Reconcile with what the headend already committed; return the session's lanes."""
         stats = await asyncio.to_thread(self._outbox.stats)
         committed = ack.committed_seq
+        ranges = [(r.first_seq, r.last_seq) for r in ack.committed_ranges]
         if committed >= stats.next_seq:
             if stats.rows == 0:
                 # A re-flashed gateway: continue numbering after what the headend holds.
                 await asyncio.to_thread(self._outbox.fast_forward, committed + 1)
-                return committed
+                return _Lanes(
+                    live_cursor=committed, backlog_cursor=committed, live_start=committed + 1
+                )
             log.error(
                 "headend committed seq %d but our outbox only reached %d: this outbox was "
                 "re-created while holding data; sending it anyway (the headend may drop it)",
                 committed,
                 stats.next_seq - 1,
             )
-            return 0
-        if committed > 0:
-            # Our ack for these may have been lost (e.g. kill -9 right after sending).
-            await asyncio.to_thread(self._outbox.ack, committed)
-        return committed
+            committed, ranges = 0, []
+        ranges = [(lo, hi) for lo, hi in ranges if hi < stats.next_seq]
+        if committed > 0 or ranges:
+            # Our acks for these may have been lost (e.g. kill -9 right after sending).
+            await asyncio.to_thread(self._outbox.ack, committed, ranges)
+        live_start = (await asyncio.to_thread(self._outbox.stats)).next_seq
+        return _Lanes(live_cursor=live_start - 1, backlog_cursor=committed, live_start=live_start)
 
-    async def _send_loop(
-        self,
-        send: Callable[[pb.UpMessage], Awaitable[None]],
-        last_sent: int,
-        inflight: deque[int],
-        acked: asyncio.Event,
-    ) -> None:
+    async def _send_batch(self, rows: list[OutboxRow]) -> tuple[int, int]:
+        first, last = rows[0].seq, rows[-1].through_seq
+        batch = pb.TelemetryBatch(gateway_id=self._gateway_id, first_seq=first, last_seq=last)
+        for row in rows:
+            record = batch.records.add()
+            record.seq = row.seq
+            if row.through_seq != row.seq:
+                record.through_seq = row.through_seq
+            getattr(record, _BODY_FIELD[row.kind]).MergeFromString(row.payload)
+        await self._transport.send(pb.UpMessage(telemetry=batch))
+        self.health.sent_batches += 1
+        return first, last
+
+    async def _send_loop(self, lanes: _Lanes, pace_records_per_s: float) -> None:
         limit = min(self._config.batch_max_records, MAX_RECORDS_PER_BATCH)
+        window = self._config.inflight_batches
+        pace = _Pace(pace_records_per_s, burst=limit)
+        committed = self._recorder.committed
         while True:
             if self._inventory_changed.is_set():
                 self._inventory_changed.clear()
-                await send(pb.UpMessage(register=self._register()))
-            if len(inflight) >= self._config.inflight_batches:
-                acked.clear()
-                await acked.wait()
+                await self._transport.send(pb.UpMessage(register=self._register()))
+            progressed = False
+            live_waiting = False
+            # Live lane first: what just happened goes out before any backlog.
+            if len(lanes.live_inflight) < window:
+                committed.clear()
+                rows = await asyncio.to_thread(self._outbox.read_after, lanes.live_cursor, limit)
+                if rows:
+                    lanes.sent()
+                    sent = await self._send_batch(rows)
+                    lanes.live_inflight.append(sent)
+                    lanes.live_cursor = sent[1]
+                    self.health.sent_live_batches += 1
+                    progressed = True
+                    live_waiting = len(rows) == limit
+            else:
+                live_waiting = True
+            pace_wait_s = 0.0
+            if not live_waiting and not lanes.backlog_done and len(lanes.backlog_inflight) < window:
+                pace_wait_s = pace.wait_s(limit)
+                if pace_wait_s == 0.0:
+                    rows = await asyncio.to_thread(
+                        self._outbox.read_after,
+                        lanes.backlog_cursor,
+                        limit,
+                        below_seq=lanes.live_start,
+                    )
+                    if rows:
+                        lanes.sent()
+                        sent = await self._send_batch(rows)
+                        lanes.backlog_inflight.append(sent)
+                        lanes.backlog_cursor = sent[1]
+                        self.health.sent_backlog_batches += 1
+                        progressed = True
+                    else:
+                        lanes.backlog_cursor = lanes.live_start - 1
+            if progressed:
                 continue
-            self._recorder.committed.clear()
-            rows = await asyncio.to_thread(self._outbox.read_after, last_sent, limit)
-            if not rows:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._recorder.committed.wait(), timeout=1.0)
-                continue
-            batch = pb.TelemetryBatch(
-                gateway_id=self._gateway_id, first_seq=rows[0].seq, last_seq=rows[-1].seq
-            )
-            for row in rows:
-                record = batch.records.add()
-                record.seq = row.seq
-                getattr(record, _BODY_FIELD[row.kind]).MergeFromString(row.payload)
-            await send(pb.UpMessage(telemetry=batch))
-            inflight.append(rows[-1].seq)
-            last_sent = rows[-1].seq
-            self.health.sent_batches += 1
+            stalled_s = lanes.stalled_s()
+            if stalled_s > self._config.ack_timeout_s:
+                raise UplinkProtocolError(
+                    f"no ack for {stalled_s:.0f} s with batches in flight; reconnecting "
+                    "(unacknowledged records are sent again)"
+                )
+            # Nothing to send right now: wait for new rows, an ack (window space) or the pace.
+            lanes.acked.clear()
+            timeout = pace_wait_s if pace_wait_s > 0 else 1.0
+            waiters = [
+                asyncio.ensure_future(committed.wait()),
+                asyncio.ensure_future(lanes.acked.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
-    async def _dispatch(
-        self,
-        message: pb.DownMessage,
-        send: Callable[[pb.UpMessage], Awaitable[None]],
-        inflight: deque[int],
-        acked: asyncio.Event,
-    ) -> None:
+    async def _handle_intent(self, document: pb.IntentDocument) -> None:
+        self.health.intents_received += 1
+        intent_ack = await self._on_intent(document)
+        await self._transport.send(pb.UpMessage(intent_ack=intent_ack))
+
+    async def _dispatch(self, message: pb.DownMessage, lanes: _Lanes) -> None:
         body = message.WhichOneof("body")
         if body == "ack":
             up_to = message.ack.up_to_seq
+            ranges = [(r.first_seq, r.last_seq) for r in message.ack.ranges]
             try:
-                await asyncio.to_thread(self._outbox.ack, up_to)
+                await asyncio.to_thread(self._outbox.ack, up_to, ranges)
             except AckBeyondHeadError as exc:
                 raise UplinkProtocolError(f"headend acknowledged seq {up_to}: {exc}") from exc
-            while inflight and inflight[0] <= up_to:
-                inflight.popleft()
+            lanes.settle(up_to, ranges)
             self.health.acked_seq = up_to
             self.health.last_ack_mono_ns = self._clock.mono_ns()
-            acked.set()
         elif body == "intent":
-            self.health.intents_received += 1
-            intent_ack = await self._on_intent(message.intent)
-            await send(pb.UpMessage(intent_ack=intent_ack))
+            await self._handle_intent(message.intent)
+        elif body == "retry_after":
+            raise RetryAfterError(message.retry_after.seconds, message.retry_after.reason)
         elif body == "register_ack":
             pass  # answer to a mid-session re-register (inventory change)
         else:

@@ -39,13 +39,18 @@ class ScenarioResult:
             )
         if self.figures:
             figures = ", ".join(
-                f"{name}={value:.3g}"
+                f"{name}={_figure(value)}"
                 for name, value in self.figures.items()
                 if not math.isnan(value)
             )
             print(f"  figures: {figures}", file=out)
         verdict = "PASSED" if self.passed else "FAILED"
         print(f"scenario {self.name} {verdict}", file=out)
+
+
+def _figure(value: float) -> str:
+    """1000 W as 1000, not 1e+03; small values with three significant digits."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 class Timeline:

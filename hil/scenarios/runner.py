@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 import tempfile
@@ -19,9 +20,30 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
+from hil.scenarios.chaos import (
+    run_chaos_kill_gateway,
+    run_chaos_kill_headend,
+    run_mqtt_broker_restart,
+)
+from hil.scenarios.durability import run_offline_intent, run_quota_overflow, run_two_headends
 from hil.scenarios.export_limit import ExportLimitParams, run_export_limit
-from hil.scenarios.harness import Bench, BenchError, open_bench
+from hil.scenarios.export_step import run_export_step
+from hil.scenarios.frozen_gateway import run_frozen_gateway
+from hil.scenarios.harness import (
+    DEFAULT_POSTGRES_URL,
+    Bench,
+    BenchError,
+    fresh_postgres_database,
+    open_bench,
+)
+from hil.scenarios.kill_gateway import run_kill_gateway
+from hil.scenarios.meter_loss import run_meter_loss
+from hil.scenarios.multi_protocol import run_dnp3_crash, run_multi_protocol
+from hil.scenarios.offline_schedule import run_offline_schedule
+from hil.scenarios.overlapping_programs import run_overlapping_programs
+from hil.scenarios.randomized_start import run_randomized_start
 from hil.scenarios.report import ScenarioResult
+from hil.scenarios.soc_floor import run_soc_floor
 from hil.site import SiteFileError, load_site
 
 __all__ = ["SCENARIOS", "Scenario", "demo_main", "main", "run_scenario"]
@@ -33,6 +55,10 @@ class Scenario:
     summary: str
     default_site: str  # file name under hil/sites/
     run: Callable[[Bench, TextIO], Awaitable[ScenarioResult]]
+    # Uplink transports it can run on; the first is the default (`--transport`).
+    transports: tuple[str, ...] = ("grpc",)
+    # Needs a PostgreSQL headend database (`--db URL`).
+    needs_postgres: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -42,11 +68,130 @@ SCENARIOS: dict[str, Scenario] = {
         "demo.toml",
         lambda bench, out: run_export_limit(bench, out, ExportLimitParams()),
     ),
+    "export-step": Scenario(
+        "export-step",
+        "an export limit holds through a PV step up and a load step down (200 ms polling)",
+        "demo.toml",
+        run_export_step,
+    ),
+    "soc-floor": Scenario(
+        "soc-floor",
+        "a battery at its SoC floor refuses discharge, and resumes above the hysteresis band",
+        "demo.toml",
+        run_soc_floor,
+    ),
+    "overlapping-programs": Scenario(
+        "overlapping-programs",
+        "events of two programs overlap (CSIP-AUS GEN-10, per-mode supersession): resolved "
+        "per mode, with superseded/started/completed at the headend",
+        "demo.toml",
+        run_overlapping_programs,
+    ),
+    "randomized-start": Scenario(
+        "randomized-start",
+        "1,000 events with randomizeStart spread their effective starts over the window, "
+        "reproducibly per gateway",
+        "demo.toml",
+        run_randomized_start,
+    ),
+    "offline-schedule": Scenario(
+        "offline-schedule",
+        "headend down before five back-to-back events: each runs on time, then the default; "
+        "responses forwarded on reconnection",
+        "demo.toml",
+        run_offline_schedule,
+    ),
+    "kill-gateway-mid-event": Scenario(
+        "kill-gateway-mid-event",
+        "kill -9 of the gateway mid-event: it resumes the same window (same randomization), "
+        "nothing re-announced",
+        "demo.toml",
+        run_kill_gateway,
+    ),
+    "meter-loss": Scenario(
+        "meter-loss",
+        "the PCC meter goes silent under an export limit: the open-loop conservative cap "
+        "within 2 control cycles, closed loop again when it returns",
+        "demo.toml",
+        run_meter_loss,
+    ),
+    "frozen-gateway": Scenario(
+        "frozen-gateway",
+        "the gateway is frozen (SIGSTOP): each inverter reverts on its own timer to its "
+        "reversion values; SIGCONT resumes control",
+        "demo.toml",
+        run_frozen_gateway,
+    ),
+    "multi-protocol": Scenario(
+        "multi-protocol",
+        "the export-limit scenario on a mixed site: PV on Modbus TCP and on DNP3, the PCC "
+        "meter on Modbus RTU, the battery on OPC UA",
+        "multi.toml",
+        run_multi_protocol,
+    ),
+    "dnp3-crash": Scenario(
+        "dnp3-crash",
+        "kill -9 of the DNP3 driver's master process mid-event: the limit holds on the other "
+        "devices, the plant is reported unavailable, then comes back with its cap re-written",
+        "multi.toml",
+        run_dnp3_crash,
+    ),
+    "chaos-kill-gateway": Scenario(
+        "chaos-kill-gateway",
+        "50 random kill -9 of the gateway during telemetry and intent changes: 0 gaps, "
+        "0 duplicates at the headend",
+        "demo.toml",
+        run_chaos_kill_gateway,
+        transports=("grpc", "mqtt"),
+    ),
+    "chaos-kill-headend": Scenario(
+        "chaos-kill-headend",
+        "10 random kill -9 of the headend during telemetry and intent changes: 0 gaps, "
+        "0 duplicates",
+        "demo.toml",
+        run_chaos_kill_headend,
+        transports=("grpc", "mqtt"),
+    ),
+    "mqtt-broker-restart": Scenario(
+        "mqtt-broker-restart",
+        "the MQTT broker is killed (kill -9) and restarted under load: 0 gaps, 0 duplicates",
+        "demo.toml",
+        run_mqtt_broker_restart,
+        transports=("mqtt",),
+    ),
+    "quota-overflow": Scenario(
+        "quota-overflow",
+        "a long outage fills the outbox quota: control keeps running, the outbox stays within "
+        "it, gap records at the headend state exactly what was shed",
+        "demo.toml",
+        run_quota_overflow,
+    ),
+    "offline-intent": Scenario(
+        "offline-intent",
+        "an intent posted while the gateway is away is applied when it returns, once",
+        "demo.toml",
+        run_offline_intent,
+        transports=("grpc", "mqtt"),
+    ),
+    "two-headends": Scenario(
+        "two-headends",
+        "two headends on one PostgreSQL database: an intent posted to B reaches the gateway "
+        "streaming to A within 1 s",
+        "demo.toml",
+        run_two_headends,
+        needs_postgres=True,
+    ),
 }
 
 
 def _site_path(name: str) -> Path:
     return Path(str(resources.files("hil") / "sites" / name))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    transport: str | None = None  # None = the scenario's default
+    db_url: str | None = None  # PostgreSQL server/database URL (scenarios that need one)
 
 
 async def _run(
@@ -56,14 +201,33 @@ async def _run(
     workdir: Path,
     out: TextIO,
     keep_running: bool = False,
+    options: RunOptions | None = None,
 ) -> ScenarioResult:
+    options = options or RunOptions()
+    transport = options.transport or scenario.transports[0]
+    if transport not in scenario.transports:
+        raise BenchError(
+            f"scenario {scenario.name} runs over {' or '.join(scenario.transports)}, "
+            f"not {transport}"
+        )
     spec = load_site(site_file or _site_path(scenario.default_site))
     started = time.monotonic()
-    async with open_bench(spec, workdir) as bench:
+    async with contextlib.AsyncExitStack() as stack:
+        db_url = ""
+        if scenario.needs_postgres or options.db_url:
+            db_url = await stack.enter_async_context(
+                fresh_postgres_database(options.db_url or DEFAULT_POSTGRES_URL)
+            )
+        bench = await stack.enter_async_context(
+            open_bench(spec, workdir, transport=transport, db_url=db_url)
+        )
         print(
             f"bench up in {time.monotonic() - started:.1f} s: headend {bench.api.base_url} "
-            f"(gRPC {bench.grpc_target}), simulated site '{spec.name}' with "
-            f"{len(spec.devices)} devices, logs in {workdir}",
+            f"(gRPC {bench.grpc_target}"
+            + (f", MQTT {bench.broker.address}" if bench.broker is not None else "")
+            + (", PostgreSQL" if db_url else ", SQLite")
+            + f"), simulated site '{spec.name}' with {len(spec.devices)} devices, "
+            f"gateway over {transport}, logs in {workdir}",
             file=out,
             flush=True,
         )
@@ -81,12 +245,24 @@ async def _run(
 
 
 async def run_scenario(
-    name: str, *, workdir: Path, site_file: Path | None = None, out: TextIO | None = None
+    name: str,
+    *,
+    workdir: Path,
+    site_file: Path | None = None,
+    out: TextIO | None = None,
+    transport: str | None = None,
+    db_url: str | None = None,
 ) -> ScenarioResult:
     """Run scenario `name` in this process's event loop (tests use this; the CLI wraps it)."""
     if name not in SCENARIOS:
         raise BenchError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
-    return await _run(SCENARIOS[name], site_file=site_file, workdir=workdir, out=out or sys.stdout)
+    return await _run(
+        SCENARIOS[name],
+        site_file=site_file,
+        workdir=workdir,
+        out=out or sys.stdout,
+        options=RunOptions(transport=transport, db_url=db_url),
+    )
 
 
 def _execute(
@@ -96,6 +272,7 @@ def _execute(
     site_file: Path | None,
     workdir: Path | None,
     keep_running: bool = False,
+    options: RunOptions | None = None,
 ) -> int:
     out = sys.stdout
     if workdir is None:
@@ -110,7 +287,12 @@ def _execute(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, task.cancel)
         return await _run(
-            scenario, site_file=site_file, workdir=workdir, out=out, keep_running=keep_running
+            scenario,
+            site_file=site_file,
+            workdir=workdir,
+            out=out,
+            keep_running=keep_running,
+            options=options,
         )
 
     try:
@@ -139,16 +321,40 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="where state and logs go (default: a temp dir)"
     )
+    parser.add_argument(
+        "--transport",
+        choices=("grpc", "mqtt"),
+        help="the gateway's uplink (default: the scenario's first; mqtt starts a private "
+        "mosquitto)",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="PostgreSQL server for the headend (postgresql://...); the run creates a fresh "
+        f"database there and drops it afterwards (default for scenarios that need one: "
+        f"{DEFAULT_POSTGRES_URL})",
+    )
     args = parser.parse_args(argv)
     if args.list or not args.name:
+        width = max(len(name) for name in SCENARIOS)
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name:<16} {scenario.summary}")
+            extra = []
+            if len(scenario.transports) > 1 or scenario.transports != ("grpc",):
+                extra.append(f"--transport {'|'.join(scenario.transports)}")
+            if scenario.needs_postgres:
+                extra.append("--db URL")
+            suffix = f" [{', '.join(extra)}]" if extra else ""
+            print(f"{scenario.name:<{width}}  {scenario.summary}{suffix}")
         return 0 if args.list else 2
     if args.name not in SCENARIOS:
         print(f"unknown scenario {args.name!r}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     return _execute(
-        SCENARIOS[args.name], check=args.check, site_file=args.site, workdir=args.workdir
+        SCENARIOS[args.name],
+        check=args.check,
+        site_file=args.site,
+        workdir=args.workdir,
+        options=RunOptions(transport=args.transport, db_url=args.db),
     )
 
 

@@ -24,6 +24,8 @@ RECORD_TABLES = (
     "decisions",
     "flexibility",
     "unknown_records",
+    "gaps",
+    "clock_syncs",
 )
 
 

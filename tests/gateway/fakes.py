@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +45,7 @@ class MemoryDriver:
         self.hz = 50.0
         self.writes: list[SafeSetpoint] = []
         self.fail_writes = False
+        self.hang_writes = False  # a hung driver: write() never returns
 
     @property
     def device_id(self) -> str:
@@ -73,6 +76,8 @@ class MemoryDriver:
 
     async def write(self, setpoint: SafeSetpoint) -> WriteResult:
         self.writes.append(setpoint)
+        if self.hang_writes:
+            await asyncio.Event().wait()
         if self.fail_writes:
             return WriteResult(self._device_id, False, self._clock.wall_ns(), reason="refused")
         return WriteResult(self._device_id, True, self._clock.wall_ns())

@@ -6,6 +6,7 @@ drivers that keep the contract in memory (tests.gateway.fakes).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,16 @@ async def test_after_a_stall_decisions_wait_for_fresh_readings(rig_factory: Any)
     await rig.cycle(advance_s=0.1)  # the pollers have run again
     assert len(rig.drivers["pv1"].writes) == writes + 1
     assert rig.pv_cap() == pytest.approx(4000.0)
+
+
+async def test_a_hung_driver_never_holds_up_the_control_loop(rig_factory: Any) -> None:
+    rig = rig_factory(write_timeout_s=0.2)
+    rig.drivers["pv1"].hang_writes = True
+    started = time.monotonic()
+    await rig.cycle()
+    # The write was abandoned at the deadline: the cycle ends, the loop goes on.
+    assert time.monotonic() - started < 2.0
+    assert rig.drivers["pv1"].writes
+    rig.drivers["pv1"].hang_writes = False
+    await rig.cycle(advance_s=11.0)  # past refresh_s: the setpoint is written again
+    assert len(rig.drivers["pv1"].writes) >= 2

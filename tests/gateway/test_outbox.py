@@ -23,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from dergw.v1 import pb, timestamp_from_ns
 from gateway.clock import ManualClock, SystemClock
 from gateway.outbox import (
+    ROW_OVERHEAD_BYTES,
     AckBeyondHeadError,
     Outbox,
     OutboxClosedError,
@@ -55,6 +56,15 @@ def outbox(path: Path, clock: ManualClock) -> Iterator[Outbox]:
 
 def _batch(n: int, tag: str = "r") -> list[tuple[int, bytes]]:
     return [(SAMPLE, f"{tag}{i}".encode()) for i in range(n)]
+
+
+def _stats(
+    rows: int, oldest: int | None, next_seq: int, payload: int, created: int | None
+) -> OutboxStats:
+    """Stats of an outbox without a quota: held bytes are the payload plus the per-row overhead."""
+    return OutboxStats(
+        rows, oldest, next_seq, payload, created, held_bytes=payload + ROW_OVERHEAD_BYTES * rows
+    )
 
 
 def _meta(path: Path, key: str) -> int:
@@ -115,17 +125,9 @@ def test_stats(outbox: Outbox, clock: ManualClock) -> None:
     outbox.append([(SAMPLE, b"abc"), (SAMPLE, b"defg")])
     clock.advance(2)
     outbox.append([(SAMPLE, b"x" * 10)])
-    assert outbox.stats() == OutboxStats(
-        rows=3, oldest_seq=1, next_seq=4, payload_bytes=17, oldest_created_wall_ns=first_wall
-    )
+    assert outbox.stats() == _stats(3, 1, 4, 17, first_wall)
     outbox.ack(2)
-    assert outbox.stats() == OutboxStats(
-        rows=1,
-        oldest_seq=3,
-        next_seq=4,
-        payload_bytes=10,
-        oldest_created_wall_ns=first_wall + 2_000_000_000,
-    )
+    assert outbox.stats() == _stats(1, 3, 4, 10, first_wall + 2_000_000_000)
 
 
 # -- ack ------------------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_rows_and_seq_survive_reopen(path: Path, clock: ManualClock) -> None:
             (3, b"a2"),
             (4, b"a3"),
         ]
-        assert ob.stats() == OutboxStats(3, 2, 5, 6, clock.wall_ns())
+        assert ob.stats() == _stats(3, 2, 5, 6, clock.wall_ns())
         assert ob.append(_batch(1)) == range(5, 6)
 
 

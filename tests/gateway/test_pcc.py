@@ -194,3 +194,16 @@ def test_stale_meter_switches_to_open_loop_at_once() -> None:
     assert any("PCC meter stale: open loop" in n for n in enforcement.notes)
     plant.run(3.0)
     assert plant.trace.export_between(3.6, 6.2).max() <= LIMIT_W
+
+
+def test_pv_does_not_outrun_a_battery_ramping_into_its_soak() -> None:
+    # Found in HIL (export-step): after a PV step up the kernel raised the PV caps by the surplus
+    # it told the battery to soak while the battery was still ramping (25 %/s here), and export
+    # stayed over the limit for ~1.8 s. PV may now grow only by the absorption the battery proved.
+    plant = _pv_plant(batteries=[BatterySpec(8000.0, ramp_pct_per_s=25.0)])
+    plant.run(8.0)
+    plant.physics.set_irradiance_override(1000.0)  # PV step up at t = 8 s: 20 kW available
+    plant.run(6.0)
+    assert plant.trace.export_between(8.0, 14.0).max() <= LIMIT_W + 100.0
+    # ...and the surplus does end up in the battery, PV is not left curtailed for it.
+    assert float(plant.physics.bat_ac_w[0]) < -6000.0

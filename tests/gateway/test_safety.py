@@ -1106,3 +1106,38 @@ def test_a_device_with_unknown_output_holds_the_pcc_loop_instead_of_teaching_it(
     back = cycle(11.25, 8600.0, -5570.0)
     (setpoint,) = back.setpoints
     assert setpoint.max_active_power_w == pytest.approx(4000.0)
+
+
+def test_a_blind_device_that_keeps_producing_has_its_share_kept_from_the_others() -> None:
+    # Found in HIL (dnp3-crash): the DNP3 driver's master process was killed; the plant kept
+    # producing at its last cap while its output was unknown, and the held budget (which
+    # included its share) went to the other devices: export overshot the limit by ~7 kW.
+    devices = {
+        "pv1": _pv("pv1", 10_000.0, 5000.0),
+        "pv2": _pv("pv2", 10_000.0, 5000.0),
+    }
+    planned = [PlannedSetpoint("pv1"), PlannedSetpoint("pv2")]
+    policy = KernelPolicy(export_margin_w=0.0, export_probe_pct=0.0, export_relax_gain=1.0)
+    limits = (Limit("event e", 2000.0),)
+    first = enforce(
+        planned,
+        devices,
+        SiteConditions(pcc_w=-4000.0, export_limits=limits, now_mono_ns=NS),
+        revert_after_s=60,
+        policy=policy,
+    )
+    # pv2's output is unknown but it still produces its 4 kW cap: export is at the limit.
+    devices["pv2"] = dataclasses.replace(devices["pv2"], available=False, measured_w=None)
+    devices["pv1"] = dataclasses.replace(devices["pv1"], measured_w=4000.0)
+    second = enforce(
+        planned,
+        devices,
+        SiteConditions(pcc_w=-2000.0, export_limits=limits, now_mono_ns=2 * NS),
+        revert_after_s=60,
+        policy=policy,
+        state=first.state,
+    )
+    (setpoint,) = second.setpoints
+    assert setpoint.max_active_power_w == pytest.approx(4000.0)
+    # What was learned is kept for when pv2 is back.
+    assert second.state.loop.export_budget_w == first.state.loop.export_budget_w

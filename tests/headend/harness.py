@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
 from dergw.v1 import pb
 from headend_min.app import Headend
 from headend_min.clock import ManualClock
-from headend_min.config import Endpoint, HeadendConfig
+from headend_min.config import DatabaseLocation, Endpoint, HeadendConfig
 from headend_min.store import Store
 from tests.headend.fake_gateway import FakeGateway, device, site
 from tests.support import free_tcp_port
@@ -23,7 +22,7 @@ class RunningHeadend:
     headend: Headend
     http: httpx.AsyncClient
     clock: ManualClock
-    db_path: Path
+    db_path: DatabaseLocation
     gateways: list[FakeGateway] = field(default_factory=list)
 
     @property
@@ -64,9 +63,10 @@ class RunningHeadend:
 
 
 class HeadendRunner:
-    """Starts in-process headends on one database file; restart = stop + start on the same file."""
+    """Starts in-process headends on one database (a SQLite file or a PostgresUrl); restart =
+    stop + start on the same database."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: DatabaseLocation) -> None:
         self.db_path = db_path
         self.clock = ManualClock(time.time_ns())
         self.running: RunningHeadend | None = None

@@ -71,5 +71,5 @@ def test_run_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
 def test_bad_arguments_are_explained(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--grpc", "nonsense"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
-    assert main(["run", "--db", "postgresql://db/headend"]) == 2
-    assert "PostgreSQL" in capsys.readouterr().err
+    assert main(["run", "--db", "mysql://db/headend"]) == 2
+    assert "postgresql://" in capsys.readouterr().err

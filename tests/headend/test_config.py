@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from headend_min.config import ConfigError, Endpoint, parse_db_url, parse_endpoint
+from headend_min.config import ConfigError, Endpoint, PostgresUrl, parse_db_url, parse_endpoint
 
 
 def test_endpoints() -> None:
@@ -23,8 +23,10 @@ def test_db_urls() -> None:
     assert parse_db_url("sqlite:////tmp/h.db") == Path("/tmp/h.db")
     assert parse_db_url("/tmp/h.db") == Path("/tmp/h.db")
     assert parse_db_url("h.db") == Path("h.db")
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        parse_db_url("postgresql://localhost/headend")
-    for bad in ("sqlite://h.db", "mysql://x", ""):
+    assert parse_db_url("postgres://u:pw@db:6432/headend") == PostgresUrl(
+        "postgresql://u:pw@db:6432/headend"
+    )
+    assert str(parse_db_url("postgresql://u:pw@db/headend")) == "postgresql://u:***@db/headend"
+    for bad in ("sqlite://h.db", "mysql://x", "", "postgresql://db/", "postgresql://db:x/h"):
         with pytest.raises(ConfigError):
             parse_db_url(bad)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from dergw.v1 import pb
-from headend_min.model import TelemetryRows
+from headend_min.model import CommitResult, TelemetryRows
 from headend_min.sqlite_store import SqliteStore
 from tests.headend.fake_gateway import (
     FakeGateway,
@@ -113,7 +113,7 @@ class _GatedStore:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> int:
+    async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
         self.commit_started.set()
         await self.gate.wait()
         committed = await self.inner.commit_telemetry(rows, now_ns)

@@ -10,7 +10,7 @@ import pytest
 from dergw.v1 import pb
 from headend_min.ingest import plan_telemetry, registration_from_pb
 from headend_min.intents import InvalidIntentError
-from headend_min.model import HistoryQuery, IntentBasis, StreamRef
+from headend_min.model import CommitResult, HistoryQuery, IntentBasis, StreamRef
 from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.sqlite_store import SqliteStore
 from headend_min.store import SchemaTooNewError, StoreError, UnknownSiteError
@@ -54,11 +54,16 @@ async def test_commit_dedupes_and_never_rolls_latest_back(tmp_path: Path) -> Non
     try:
         early = fake.batch([sample_record("pv-1", {"W": (float(i), "W")}) for i in range(1, 4)])
         late = fake.batch([sample_record("pv-1", {"W": (9.0, "W")})])
-        assert await store.commit_telemetry(plan_telemetry(late, "gw-1"), NOW) == 4
+        # The live lane runs ahead: seq 4 is committed, but the watermark waits for 1..3.
+        assert await store.commit_telemetry(plan_telemetry(late, "gw-1"), NOW) == CommitResult(
+            0, ((4, 4),)
+        )
         # The earlier batch arrives after (e.g. resent after a reconnect): stored, but it must
         # not replace the newer latest value; and a replay of it changes nothing.
         for _ in range(2):
-            assert await store.commit_telemetry(plan_telemetry(early, "gw-1"), NOW) == 4
+            assert await store.commit_telemetry(plan_telemetry(early, "gw-1"), NOW) == CommitResult(
+                4, ()
+            )
         latest = await store.latest_points(site_id="site-1", device_id="pv-1")
         assert [(p.point, p.value, p.seq) for p in latest] == [("W", 9.0, 4)]
         page = await store.point_history(HistoryQuery("site-1", "pv-1", "W", None, None, 100))

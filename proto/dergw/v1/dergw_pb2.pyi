@@ -223,28 +223,58 @@ class UpMessage(_message.Message):
     REGISTER_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
     INTENT_ACK_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
     def telemetry(self) -> Global___TelemetryBatch: ...
     @_builtins.property
     def intent_ack(self) -> Global___IntentAck: ...
+    @_builtins.property
+    def presence(self) -> Global___Presence: ...
     def __init__(
         self,
         *,
         register: Global___Register | None = ...,
         telemetry: Global___TelemetryBatch | None = ...,
         intent_ack: Global___IntentAck | None = ...,
+        presence: Global___Presence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "intent_ack", b"intent_ack", "register", b"register", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "intent_ack", b"intent_ack", "presence", b"presence", "register", b"register", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "intent_ack", b"intent_ack", "register", b"register", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "intent_ack", b"intent_ack", "presence", b"presence", "register", b"register", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "telemetry", "intent_ack"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "telemetry", "intent_ack", "presence"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___UpMessage: _TypeAlias = UpMessage  # noqa: Y015
+
+@_typing.final
+class Presence(_message.Message):
+    """Whether a gateway is online. Over MQTT it is the last-will message on `up/state` (online=false)
+    and is published (online=true) after connecting; over gRPC the stream itself is the presence.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONLINE_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    online: _builtins.bool
+    boot_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        online: _builtins.bool = ...,
+        boot_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "online", b"online"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Presence: _TypeAlias = Presence  # noqa: Y015
 
 @_typing.final
 class DownMessage(_message.Message):
@@ -253,28 +283,83 @@ class DownMessage(_message.Message):
     REGISTER_ACK_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     INTENT_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register_ack(self) -> Global___RegisterAck: ...
     @_builtins.property
     def ack(self) -> Global___Ack: ...
     @_builtins.property
     def intent(self) -> Global___IntentDocument: ...
+    @_builtins.property
+    def retry_after(self) -> Global___RetryAfter: ...
     def __init__(
         self,
         *,
         register_ack: Global___RegisterAck | None = ...,
         ack: Global___Ack | None = ...,
         intent: Global___IntentDocument | None = ...,
+        retry_after: Global___RetryAfter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register_ack", "ack", "intent"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register_ack", "ack", "intent", "retry_after"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___DownMessage: _TypeAlias = DownMessage  # noqa: Y015
+
+@_typing.final
+class RetryAfter(_message.Message):
+    """Admission control: the headend is busy (e.g. a fleet reconnecting at once) and asks the gateway
+    to close this session and try again after `seconds` (plus its own jitter). Nothing is lost: the
+    outbox keeps every unacknowledged record.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryAfter: _TypeAlias = RetryAfter  # noqa: Y015
+
+@_typing.final
+class SeqRange(_message.Message):
+    """An inclusive range of seqs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    first_seq: _builtins.int
+    last_seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeqRange: _TypeAlias = SeqRange  # noqa: Y015
 
 @_typing.final
 class Register(_message.Message):
@@ -332,24 +417,34 @@ class RegisterAck(_message.Message):
     COMMITTED_SEQ_FIELD_NUMBER: _builtins.int
     INTENT_VERSION_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
+    COMMITTED_RANGES_FIELD_NUMBER: _builtins.int
+    BACKLOG_RECORDS_PER_S_FIELD_NUMBER: _builtins.int
     committed_seq: _builtins.int
     """Highest seq the headend has committed for this gateway (0 = none). The gateway never assigns
     a seq at or below it (covers a re-flashed gateway whose outbox restarted from 1).
     """
     intent_version: _builtins.int
     """Latest intent version the headend holds for the gateway's site (0 = none)."""
+    backlog_records_per_s: _builtins.int
+    """Pace for resending a backlog, records/s (0 = the gateway's own setting)."""
     @_builtins.property
     def server_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def committed_ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeqRange]:
+        """Ranges above committed_seq that are also committed (the live lane runs ahead of the backlog)."""
+
     def __init__(
         self,
         *,
         committed_seq: _builtins.int = ...,
         intent_version: _builtins.int = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
+        committed_ranges: _abc.Iterable[Global___SeqRange] | None = ...,
+        backlog_records_per_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_seq", b"committed_seq", "intent_version", b"intent_version", "server_time", b"server_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog_records_per_s", b"backlog_records_per_s", "committed_ranges", b"committed_ranges", "committed_seq", b"committed_seq", "intent_version", b"intent_version", "server_time", b"server_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,7 +651,14 @@ class Record(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     INTENT_STATUS_FIELD_NUMBER: _builtins.int
     FLEXIBILITY_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    CLOCK_SYNC_FIELD_NUMBER: _builtins.int
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    through_seq: _builtins.int
+    """For a record that stands for a range of seqs (a Gap): the last seq of that range, else 0.
+    The next record then has seq through_seq + 1.
+    """
     @_builtins.property
     def sample(self) -> Global___DeviceSample: ...
     @_builtins.property
@@ -569,6 +671,10 @@ class Record(_message.Message):
     def intent_status(self) -> Global___IntentStatus: ...
     @_builtins.property
     def flexibility(self) -> Global___Flexibility: ...
+    @_builtins.property
+    def gap(self) -> Global___Gap: ...
+    @_builtins.property
+    def clock_sync(self) -> Global___ClockSync: ...
     def __init__(
         self,
         *,
@@ -579,16 +685,100 @@ class Record(_message.Message):
         decision: Global___Decision | None = ...,
         intent_status: Global___IntentStatus | None = ...,
         flexibility: Global___Flexibility | None = ...,
+        gap: Global___Gap | None = ...,
+        clock_sync: Global___ClockSync | None = ...,
+        through_seq: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clock_sync", b"clock_sync", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "gap", b"gap", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clock_sync", b"clock_sync", "decision", b"decision", "event_response", b"event_response", "flexibility", b"flexibility", "gap", b"gap", "intent_status", b"intent_status", "reported_state", b"reported_state", "sample", b"sample", "seq", b"seq", "through_seq", b"through_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["sample", "event_response", "reported_state", "decision", "intent_status", "flexibility"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["sample", "event_response", "reported_state", "decision", "intent_status", "flexibility", "gap", "clock_sync"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___Record: _TypeAlias = Record  # noqa: Y015
+
+@_typing.final
+class Gap(_message.Message):
+    """What the outbox shed to stay within its disk quota, standing in for the seqs it replaced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WHAT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_FIELD_NUMBER: _builtins.int
+    LAST_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    what: _builtins.str
+    """e.g. "sample", "sample thinned to aggregates" """
+    records: _builtins.int
+    """records shed"""
+    points: _builtins.int
+    """measurement points among them"""
+    bytes: _builtins.int
+    """payload bytes freed"""
+    reason: _builtins.str
+    @_builtins.property
+    def first_time(self) -> _timestamp_pb2.Timestamp:
+        """time range of what was shed"""
+
+    @_builtins.property
+    def last_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        what: _builtins.str = ...,
+        records: _builtins.int = ...,
+        points: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        first_time: _timestamp_pb2.Timestamp | None = ...,
+        last_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device_ids", b"device_ids", "first_time", b"first_time", "last_time", b"last_time", "points", b"points", "reason", b"reason", "records", b"records", "what", b"what"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Gap: _TypeAlias = Gap  # noqa: Y015
+
+@_typing.final
+class ClockSync(_message.Message):
+    """The wall clock became trusted during this boot: samples of `boot_id` stamped before it
+    (clock_synced = false) have true time monotonic_ns + wall_minus_mono_ns.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    WALL_MINUS_MONO_NS_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    boot_id: _builtins.str
+    wall_minus_mono_ns: _builtins.int
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        boot_id: _builtins.str = ...,
+        wall_minus_mono_ns: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "time", b"time", "wall_minus_mono_ns", b"wall_minus_mono_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockSync: _TypeAlias = ClockSync  # noqa: Y015
 
 @_typing.final
 class DeviceSample(_message.Message):
@@ -604,11 +794,25 @@ class DeviceSample(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    CLOCK_SYNCED_FIELD_NUMBER: _builtins.int
+    AGGREGATED_READS_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    MIN_VALUES_FIELD_NUMBER: _builtins.int
+    MAX_VALUES_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     monotonic_ns: _builtins.int
     """gateway monotonic clock at the same instant"""
     error: _builtins.str
     """why the read failed, when it did"""
+    boot_id: _builtins.str
+    """/proc/sys/kernel/random/boot_id of the reading boot"""
+    clock_synced: _builtins.bool
+    """false: `time` is approximate (see ClockSync)"""
+    aggregated_reads: _builtins.int
+    """Aggregates (the outbox thinned raw reads to save space): how many reads this row stands for,
+    from window_start to time; values are their means, min/max their extremes.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """wall clock when the read completed"""
@@ -623,6 +827,12 @@ class DeviceSample(_message.Message):
 
     @_builtins.property
     def quality(self) -> _containers.RepeatedScalarFieldContainer[Global___Quality.ValueType]: ...
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def min_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def max_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     def __init__(
         self,
         *,
@@ -634,10 +844,16 @@ class DeviceSample(_message.Message):
         values: _abc.Iterable[_builtins.float] | None = ...,
         quality: _abc.Iterable[Global___Quality.ValueType] | None = ...,
         error: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        clock_synced: _builtins.bool = ...,
+        aggregated_reads: _builtins.int = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        min_values: _abc.Iterable[_builtins.float] | None = ...,
+        max_values: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "error", b"error", "monotonic_ns", b"monotonic_ns", "names", b"names", "quality", b"quality", "time", b"time", "units", b"units", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregated_reads", b"aggregated_reads", "boot_id", b"boot_id", "clock_synced", b"clock_synced", "device_id", b"device_id", "error", b"error", "max_values", b"max_values", "min_values", b"min_values", "monotonic_ns", b"monotonic_ns", "names", b"names", "quality", b"quality", "time", b"time", "units", b"units", "values", b"values", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1046,16 +1262,22 @@ class Ack(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     up_to_seq: _builtins.int
     """Every record with seq <= up_to_seq is committed at the headend."""
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___SeqRange]:
+        """Also committed: these ranges above up_to_seq (a live-lane batch ahead of the backlog)."""
+
     def __init__(
         self,
         *,
         up_to_seq: _builtins.int = ...,
+        ranges: _abc.Iterable[Global___SeqRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["up_to_seq", b"up_to_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranges", b"ranges", "up_to_seq", b"up_to_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

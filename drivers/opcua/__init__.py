@@ -1,0 +1,1 @@
+"""OPC UA driver (asyncua): subscription-fed reads, verified writes, secure by default."""

@@ -1,0 +1,206 @@
+"""What the headend does with each gateway message, whatever carried it (gRPC or MQTT).
+
+`GatewaySessions` turns up messages into store calls and down messages; `link` (gRPC bidi stream)
+and `mqtt_link` (MQTT v5 topics through a broker) only move bytes. Rules kept here, once:
+
+* a record is acknowledged only after its batch is committed; an Ack carries the contiguous
+  watermark and the committed ranges above it (the gateway's live lane runs ahead of its backlog);
+* a new session is admitted by `Admission`, a token bucket: when a fleet reconnects at once (a
+  headend restart), gateways beyond the bucket get `RetryAfter` with a delay that spreads them over
+  time instead of a flood of registers and backlog resends;
+* `RegisterAck.backlog_records_per_s` paces each gateway's backlog resend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dergw.v1 import pb, timestamp_from_ns
+from headend_min.clock import Clock
+from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
+from headend_min.model import CommitResult, IntentAckInfo, RegisterOutcome, Registration, StreamRef
+from headend_min.store import Store, StoreError
+
+__all__ = ["Admission", "GatewaySessions", "RegisterResult", "ack_message"]
+
+_log = logging.getLogger(__name__)
+
+# An Ack lists at most this many committed ranges (there are rarely more than two: the live lane
+# and the backlog); the rest follow in later Acks and in the next RegisterAck.
+MAX_ACK_RANGES = 64
+
+
+def _seq_ranges(ranges: tuple[tuple[int, int], ...]) -> list[pb.SeqRange]:
+    return [pb.SeqRange(first_seq=first, last_seq=last) for first, last in ranges[:MAX_ACK_RANGES]]
+
+
+def ack_message(result: CommitResult) -> pb.DownMessage:
+    return pb.DownMessage(
+        ack=pb.Ack(up_to_seq=result.committed_seq, ranges=_seq_ranges(result.committed_ranges))
+    )
+
+
+class Admission:
+    """Token bucket for new gateway sessions: `rate_per_s` on average, bursts of `burst`.
+
+    A refused gateway is told to come back when a token will be free for it, counting the ones
+    refused before it in the same second, so a reconnect storm turns into an even stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_per_s: float,
+        burst: int,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("admission needs rate_per_s > 0 and burst >= 1")
+        self._mono_ns = mono_ns
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated_ns = mono_ns()
+        # Tokens already promised to refused gateways (drains at the refill rate).
+        self._promised = 0.0
+        self.admitted = 0
+        self.refused = 0
+
+    def _refill(self) -> None:
+        now = self._mono_ns()
+        elapsed_s = (now - self._updated_ns) / 1e9
+        self._updated_ns = now
+        gained = elapsed_s * self.rate_per_s
+        used_by_promises = min(self._promised, gained)
+        self._promised -= used_by_promises
+        self._tokens = min(float(self.burst), self._tokens + gained - used_by_promises)
+
+    def admit(self) -> int | None:
+        """None when admitted now, else the number of seconds to wait before retrying."""
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self.admitted += 1
+            return None
+        self._promised += 1.0
+        self.refused += 1
+        return max(1, math.ceil(self._promised / self.rate_per_s))
+
+
+@dataclass(slots=True)
+class RegisterResult:
+    registration: Registration
+    #: RegisterAck, or a single RetryAfter when the session was not admitted.
+    replies: list[pb.DownMessage] = field(default_factory=list)
+    outcome: RegisterOutcome | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.outcome is not None
+
+
+class GatewaySessions:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        admission: Admission | None = None,
+        backlog_records_per_s: int = 0,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.admission = admission
+        self._backlog_records_per_s = backlog_records_per_s
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def clock_wall_ns(self) -> int:
+        """Wall-clock now (ns), from the headend's clock (tests inject a fake one)."""
+        return self._clock.wall_ns()
+
+    def parse_register(self, message: pb.Register) -> Registration:
+        """Validate a Register (raises ProtocolViolation)."""
+        return registration_from_pb(message)
+
+    async def register(
+        self, registration: Registration, stream: StreamRef, *, new_session: bool = True
+    ) -> RegisterResult:
+        """Admit (new sessions only) and store the registration; raises StoreError."""
+        result = RegisterResult(registration)
+        if new_session and self.admission is not None:
+            retry_after_s = self.admission.admit()
+            if retry_after_s is not None:
+                result.replies.append(
+                    pb.DownMessage(
+                        retry_after=pb.RetryAfter(
+                            seconds=retry_after_s,
+                            reason="headend busy admitting reconnecting gateways",
+                        )
+                    )
+                )
+                return result
+        now_ns = self._clock.wall_ns()
+        outcome = await self._store.register_gateway(registration, stream, now_ns)
+        result.outcome = outcome
+        result.replies.append(
+            pb.DownMessage(
+                register_ack=pb.RegisterAck(
+                    committed_seq=outcome.committed_seq,
+                    intent_version=outcome.site_intent_version,
+                    server_time=timestamp_from_ns(now_ns),
+                    committed_ranges=_seq_ranges(outcome.committed_ranges),
+                    backlog_records_per_s=self._backlog_records_per_s,
+                )
+            )
+        )
+        return result
+
+    async def telemetry(self, gateway_id: str, batch: pb.TelemetryBatch) -> pb.DownMessage:
+        """Commit one batch, then return its Ack. Raises ProtocolViolation or StoreError."""
+        rows = plan_telemetry(batch, gateway_id)
+        result = await self._store.commit_telemetry(rows, self._clock.wall_ns())
+        return ack_message(result)
+
+    async def intent_ack(self, gateway_id: str, site_id: str, ack: pb.IntentAck) -> None:
+        if ack.site_id != site_id:
+            raise ProtocolViolation(
+                f"intent_ack names site {ack.site_id!r} but gateway {gateway_id!r} registered "
+                f"site {site_id!r}"
+            )
+        await self._store.record_intent_ack(
+            gateway_id,
+            IntentAckInfo(ack.site_id, ack.version, ack.status, ack.reason),
+            self._clock.wall_ns(),
+        )
+
+    async def latest_intent_after(self, site_id: str, version: int) -> pb.IntentDocument | None:
+        """The site's newest document if it is newer than `version` (always the newest: versions
+        posted in a burst collapse into one send)."""
+        stored = await self._store.get_intent(site_id)
+        if stored is None or stored.version <= version:
+            return None
+        return stored.document
+
+    async def record_delivery(self, gateway_id: str, document: pb.IntentDocument) -> None:
+        try:
+            await self._store.record_intent_delivery(
+                gateway_id, document.site_id, document.version, self._clock.wall_ns()
+            )
+        except StoreError:
+            # Delivery bookkeeping is informational; the gateway's ack is what counts.
+            _log.warning("could not record delivery of v%d to %s", document.version, gateway_id)
+
+    async def close_stream(self, stream: StreamRef) -> None:
+        try:
+            await self._store.close_stream(stream, self._clock.wall_ns())
+        except StoreError:
+            # The row then goes stale and reads offline after 2 x keepalive anyway.
+            _log.warning("could not record that the stream of %s closed", stream.gateway_id)
+        _log.info("gateway %s disconnected", stream.gateway_id)

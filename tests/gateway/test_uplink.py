@@ -1,0 +1,149 @@
+"""The uplink's session rules, against a scripted in-memory transport (the real transports have
+their own tests: gRPC end to end in tests/e2e, MQTT against mosquitto in test_mqtt_transport.py).
+
+* the live lane is never starved: with the backlog lane's window full and unacknowledged, a new
+  live record still goes out at once;
+* acks by range delete exactly the acked rows, the watermark deletes the rest;
+* a RetryAfter ends the session, and the next attempt waits at least that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from dergw.v1 import pb
+from gateway.clock import SystemClock
+from gateway.config import GrpcUplinkConfig
+from gateway.outbox import Outbox, RecordKind
+from gateway.runtime.recorder import Recorder
+from gateway.runtime.transport import TransportClosedError
+from gateway.runtime.uplink import Uplink
+
+SAMPLE = int(RecordKind.SAMPLE)
+
+
+def _sample(i: int) -> bytes:
+    return pb.DeviceSample(device_id="pv1", names=["W"], values=[float(i)]).SerializeToString()
+
+
+class ScriptedTransport:
+    """Answers Register with `first_answers` (one per session, then RegisterAck), records
+    every TelemetryBatch, and acks nothing unless the test puts an Ack in `down`."""
+
+    name = "fake"
+    target = "memory"
+
+    def __init__(self, first_answers: list[pb.DownMessage] | None = None) -> None:
+        self.first_answers = list(first_answers or [])
+        self.batches: list[pb.TelemetryBatch] = []
+        self.down: asyncio.Queue[pb.DownMessage] = asyncio.Queue()
+        self.connects: list[float] = []
+        self._open = False
+
+    async def connect(self) -> None:
+        self._open = True
+        self.connects.append(time.monotonic())
+
+    async def send(self, message: pb.UpMessage) -> None:
+        if not self._open:
+            raise TransportClosedError("closed")
+        if message.HasField("register"):
+            answer = (
+                self.first_answers.pop(0)
+                if self.first_answers
+                else pb.DownMessage(register_ack=pb.RegisterAck())
+            )
+            self.down.put_nowait(answer)
+        elif message.HasField("telemetry"):
+            self.batches.append(message.telemetry)
+
+    async def receive(self) -> pb.DownMessage:
+        if not self._open:
+            raise TransportClosedError("closed")
+        return await self.down.get()
+
+    async def close(self) -> None:
+        self._open = False
+
+
+def _uplink(
+    outbox: Outbox, recorder: Recorder, transport: ScriptedTransport, **config: object
+) -> Uplink:
+    uplink_config = GrpcUplinkConfig.model_validate(
+        {"transport": "grpc", "target": "127.0.0.1:1", "reconnect_max_s": 0.2, **config}
+    )
+
+    async def on_intent(document: pb.IntentDocument) -> pb.IntentAck:
+        return pb.IntentAck(site_id=document.site_id, version=document.version)
+
+    return Uplink(
+        uplink_config,
+        transport=transport,
+        gateway_id="gw",
+        outbox=outbox,
+        recorder=recorder,
+        register=lambda: pb.Register(gateway_id="gw"),
+        on_intent=on_intent,
+        inventory_changed=asyncio.Event(),
+        clock=SystemClock(),
+    )
+
+
+async def _until(predicate: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_live_records_overtake_a_stalled_backlog(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.sqlite3", clock=SystemClock()) as outbox:
+        outbox.append([(SAMPLE, _sample(i)) for i in range(1000)])  # the outage's backlog
+        recorder = Recorder(outbox, commit_interval_s=0.05)
+        transport = ScriptedTransport()
+        uplink = _uplink(outbox, recorder, transport, batch_max_records=100, inflight_batches=2)
+        task = asyncio.create_task(uplink.run())
+        try:
+            # The backlog lane fills its window of 2 batches and gets no ack...
+            await _until(lambda: len(transport.batches) >= 2)
+            await asyncio.sleep(0.2)
+            assert [b.first_seq for b in transport.batches] == [1, 101]
+            # ...and a live record still goes out at once, on its own lane.
+            recorder.record(SAMPLE, _sample(-1))
+            await recorder.flush()
+            await _until(lambda: any(b.first_seq == 1001 for b in transport.batches))
+            live = next(b for b in transport.batches if b.first_seq == 1001)
+            assert (live.first_seq, live.last_seq) == (1001, 1001)
+            # The headend commits the live batch first: acked by range, the backlog stays held.
+            transport.down.put_nowait(
+                pb.DownMessage(
+                    ack=pb.Ack(up_to_seq=0, ranges=[pb.SeqRange(first_seq=1001, last_seq=1001)])
+                )
+            )
+            await _until(lambda: outbox.stats().rows == 1000)
+            # Then the backlog batches: the watermark deletes them and the backlog moves on.
+            transport.down.put_nowait(pb.DownMessage(ack=pb.Ack(up_to_seq=200)))
+            await _until(lambda: outbox.stats().rows == 800)
+            await _until(lambda: any(b.first_seq == 201 for b in transport.batches))
+        finally:
+            task.cancel()
+
+
+async def test_retry_after_is_honoured(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "outbox.sqlite3", clock=SystemClock()) as outbox:
+        recorder = Recorder(outbox, commit_interval_s=0.05)
+        transport = ScriptedTransport(
+            [pb.DownMessage(retry_after=pb.RetryAfter(seconds=1, reason="busy"))]
+        )
+        uplink = _uplink(outbox, recorder, transport)
+        task = asyncio.create_task(uplink.run())
+        try:
+            await _until(lambda: uplink.health.connected, timeout_s=5.0)
+            assert uplink.health.retry_after_count == 1
+            assert len(transport.connects) == 2
+            # At least the headend's delay (its own jitter adds up to half of it).
+            assert transport.connects[1] - transport.connects[0] >= 1.0
+        finally:
+            task.cancel()
