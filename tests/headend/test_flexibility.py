@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,7 +255,9 @@ async def test_site_and_feeder_views(headend: RunningHeadend) -> None:
     empty = (await headend.http.get("/sites/site-a/flexibility")).json()
     assert empty["gateways"] == []
     assert empty["totals"]["gateways_reporting"] == 0
-    now = time.time_ns()
+    # The headend's clock, not time.time_ns(): the aging check below advances that clock by
+    # just over the max age, so the report must be stamped on the same time line.
+    now = headend.clock.wall_ns()
     # gw-a: PV capped at 2 kW of 4 kW available, battery idle at 50 % (4 kWh above the floor).
     for fake, battery_w in ((a, 0.0), (b, -1000.0), (c, 0.0)):
         batch = await fake.send_records([gateway_report(now, battery_w=battery_w, soc=50.0)])
