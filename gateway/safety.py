@@ -808,6 +808,7 @@ def _run_loops(
         mode = "open loop: PCC meter stale"
 
     remembered_export_w: float | None = None
+    remembered_import_w: float | None = None
     if export_limit is not None:
         previous = state.export_budget_w
         if pcc_w is None:
@@ -866,6 +867,13 @@ def _run_loops(
             floor = previous  # nothing (trustworthy) to measure against: hold what was needed
         elif held and previous is not None:
             floor = previous
+            if blind:
+                # Hold what was learned, but never ask for less than the PCC shows is needed now:
+                # the load may grow while a device is blind. Raise-only (the import limit's safe
+                # side; the export budget still caps the total), nothing is learned from this.
+                remembered_import_w = previous
+                need_w = pcc_w + steered_now_w - import_limit.watts + margin_w
+                floor = max(previous, need_w)
         else:
             floor = next_lower_bound(
                 previous,
@@ -885,7 +893,9 @@ def _run_loops(
         export_budget_w=(
             remembered_export_w if remembered_export_w is not None else loop.export_budget_w
         ),
-        import_floor_w=loop.import_floor_w,
+        import_floor_w=(
+            remembered_import_w if remembered_import_w is not None else loop.import_floor_w
+        ),
     )
     loop.import_rank = import_rank
     return loop

@@ -91,7 +91,7 @@ async def _run_site(args: argparse.Namespace) -> int:
         return 1
     try:
         for device_id, ep in sim.endpoints.items():
-            print(f"{device_id}: {ep.host}:{ep.port} unit {ep.unit_id}", flush=True)
+            print(f"{device_id}: {ep.describe()}", flush=True)
         if args.manifest is not None:
             write_manifest(args.manifest, sim.manifest())
         print(f"site {spec.name!r} running (seed {sim.seed}); Ctrl-C to stop", flush=True)

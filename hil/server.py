@@ -134,6 +134,16 @@ class Endpoint:
     url: str = ""  # opcua: the endpoint URL
     root: str = ""  # opcua: the browse path of the device object
 
+    def describe(self) -> str:
+        """Where a client connects, in the words of the device's protocol."""
+        if self.protocol == "modbus-rtu":
+            return f"modbus-rtu {self.serial_port} {self.baudrate} baud, unit {self.unit_id}"
+        if self.protocol == "opcua":
+            return f"opcua {self.url} object {self.root}"
+        if self.protocol == "dnp3":
+            return f"dnp3 {self.host}:{self.port} outstation {self.unit_id}"
+        return f"modbus-tcp {self.host}:{self.port} unit {self.unit_id}"
+
 
 @dataclass(frozen=True)
 class DeviceState:

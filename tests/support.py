@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import socket
@@ -30,6 +31,15 @@ def require_binary(name: str, why: str) -> str:
             pytest.fail(f"{message}; DERGW_REQUIRE_SERVICES=1 makes this a failure")
         pytest.skip(message)
     return path
+
+
+def require_module(name: str, why: str) -> None:
+    """Skip when module `name` is not installed on a laptop; fail when DERGW_REQUIRE_SERVICES=1."""
+    if importlib.util.find_spec(name) is None:
+        message = f"{name} is not installed ({why})"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{message}; DERGW_REQUIRE_SERVICES=1 makes this a failure")
+        pytest.skip(message)
 
 
 def wait_until(

@@ -88,7 +88,12 @@ class BO:
 
 class AO:
     WLIM_RVRT_S: Final = 85  # Active Power Limit Reversion Timeout Period, s
-    WLIM_MAX_PCT: Final = 87  # Active Power Limit Maximum (generation), 0.1 % of WMax
+    # Active Power Limit Maximum, 0.1 % of WMax. The 1815.2 point tables as dnp3py ships them name
+    # AO87 "Maximum (Pos = Generation)" and AO88 "Minimum"; py1815 reads clause 6.4.2.2 as AO87 =
+    # charging and AO88 = generation. We follow the point tables (what outstations are built from)
+    # and verify by read-back of AI148. Read-back cannot tell the two readings apart, so
+    # commissioning confirms with a test cap that the plant's output (AI537) follows.
+    WLIM_MAX_PCT: Final = 87
 
 
 # The canonical points of a PV plant controller (DeviceKind.PV), in schema order.

@@ -274,6 +274,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+NOISY_PROTOCOL_STACKS = ("asyncua", "pymodbus", "dnp3")
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     try:
@@ -286,6 +289,11 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLevelName(config.gateway.log_level) != logging.DEBUG:
+        # The protocol stacks log every session, subscription and reconnect at INFO; the drivers
+        # report what matters (link state, errors) themselves, so keep the stacks to warnings.
+        for stack in NOISY_PROTOCOL_STACKS:
+            logging.getLogger(stack).setLevel(logging.WARNING)
 
     async def _run() -> None:
         stop = asyncio.Event()

@@ -13,8 +13,9 @@ from drivers.contract import Control, LinkState, Quality
 from drivers.dnp3 import points as P
 from drivers.dnp3.backend_dnp3py import _statuses
 from drivers.dnp3.driver import Dnp3Driver
-from tests.drivers.dnp3_support import BACKENDS, RATING_W, backend_param, plant
+from tests.drivers.dnp3_support import BACKENDS, PYDNP3_WHY, RATING_W, backend_param, plant
 from tests.drivers.setpoints import pv_setpoint
+from tests.support import require_module
 
 pytestmark = pytest.mark.hil
 
@@ -159,7 +160,7 @@ def test_control_status_decoding() -> None:
 
 
 def test_pydnp3_command_status_and_completion_mapping() -> None:
-    pytest.importorskip("pydnp3", reason="pydnp3 not built (packaging/pydnp3/build-wheel)")
+    require_module("pydnp3", PYDNP3_WHY)
     from drivers.dnp3 import backend_pydnp3 as B
 
     assert B._status(5, 0) == 0  # SUCCESS: the device's own status octet

@@ -1141,3 +1141,35 @@ def test_a_blind_device_that_keeps_producing_has_its_share_kept_from_the_others(
     assert setpoint.max_active_power_w == pytest.approx(4000.0)
     # What was learned is kept for when pv2 is back.
     assert second.state.loop.export_budget_w == first.state.loop.export_budget_w
+
+
+def test_a_blind_device_does_not_hold_the_import_floor_below_what_the_pcc_needs() -> None:
+    # The import side of the dnp3-crash finding: while bat2's output is unknown the learned floor
+    # is held, but the load grows; holding the old floor would leave the site over its limit.
+    devices = {"bat1": _battery("bat1", 6000.0, 0.0), "bat2": _battery("bat2", 6000.0, 0.0)}
+    planned = [PlannedSetpoint("bat1"), PlannedSetpoint("bat2")]
+    policy = KernelPolicy(export_margin_w=0.0, export_relax_gain=1.0)
+    limits = (Limit("event peak", 2000.0),)
+    first = enforce(
+        planned,
+        devices,
+        SiteConditions(pcc_w=6000.0, import_limits=limits, now_mono_ns=NS),
+        revert_after_s=60,
+        policy=policy,
+    )
+    learned = first.state.loop.import_floor_w
+    assert learned == pytest.approx(4000.0)
+    # bat2 goes blind still discharging its 2 kW share; the load grows by 3 kW.
+    devices["bat2"] = dataclasses.replace(devices["bat2"], available=False, measured_w=None)
+    devices["bat1"] = dataclasses.replace(devices["bat1"], measured_w=2000.0)
+    second = enforce(
+        planned,
+        devices,
+        SiteConditions(pcc_w=5000.0, import_limits=limits, now_mono_ns=2 * NS),
+        revert_after_s=60,
+        policy=policy,
+        state=first.state,
+    )
+    (setpoint,) = second.setpoints
+    assert setpoint.active_power_w == pytest.approx(5000.0)  # 2 kW + 3 kW of new load
+    assert second.state.loop.import_floor_w == learned  # kept for when bat2 is back
