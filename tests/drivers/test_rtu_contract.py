@@ -23,6 +23,7 @@ pytestmark = pytest.mark.hil
 
 SITE = """
 name = "contract-rtu"
+port = 0  # any free port: tests run in parallel
 [[devices]]
 id = "pv1"
 kind = "pv"

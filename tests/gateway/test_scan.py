@@ -29,6 +29,7 @@ from tests.support import free_tcp_port
 
 SITE = """
 name = "scan"
+port = 0  # any free port: tests run in parallel
 [[devices]]
 id = "pv1"
 kind = "pv"

@@ -67,7 +67,7 @@ async def test_dergw_hil_run_serves_until_sigterm(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
         stdout, stderr = await proc.communicate()
-    assert b"pv1: 127.0.0.1:" in stdout, stderr.decode()
+    assert b"pv1: modbus-tcp 127.0.0.1:" in stdout, stderr.decode()
 
 
 def test_run_with_a_bad_site_file_exits_2(
