@@ -183,9 +183,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             outbox=outbox,
             recorder=recorder,
             register=_register,
-            on_intent=lambda doc: _no_intent(doc),
+            on_intent=lambda signed: _no_intent(signed),
             inventory_changed=asyncio.Event(),
             clock=clock,
+            site_id=SITE,
         )
 
         async def live() -> None:
@@ -248,9 +249,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             broker.stop()
 
 
-async def _no_intent(document: pb.IntentDocument) -> pb.IntentAck:
-    return pb.IntentAck(site_id=document.site_id, version=document.version,
-                        status=pb.INTENT_ACK_STATUS_STALE)  # fmt: skip
+async def _no_intent(signed: pb.SignedIntent) -> pb.IntentAck:
+    return pb.IntentAck(site_id=SITE, status=pb.INTENT_ACK_STATUS_STALE)
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from gateway.runtime.mqtt_transport import MqttTransport
 from headend_min.clock import SystemClock
 from headend_min.mqtt_link import MqttLink
 from headend_min.session import GatewaySessions
+from headend_min.signing import SigningKey
 from headend_min.sqlite_store import SqliteStore
 from hil.mqtt_broker import Mosquitto
 
@@ -66,7 +67,8 @@ async def _run(directory: Path, batches: int, records: int, window: int) -> None
     broker = Mosquitto(directory / "mosquitto")
     broker.start()
     store = await SqliteStore.open(directory / "headend.sqlite3")
-    link = MqttLink(GatewaySessions(store, SystemClock()), broker.host, broker.port)
+    sessions = GatewaySessions(store, SystemClock(), signing_key=SigningKey.generate())
+    link = MqttLink(sessions, broker.host, broker.port)
     await link.start()
     config = MqttUplinkConfig(transport="mqtt", broker=broker.address)
     transport = MqttTransport(config, gateway_id=GATEWAY, boot_id="bench")

@@ -19,11 +19,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run the site gateway (`dergw gateway run --config F`)",
     ),
     "check-config": ("gateway.config", "check_config_main", "validate a gateway config file"),
+    "enroll": (
+        "gateway.enroll_cli",
+        "main",
+        "get this gateway's certificate (`dergw enroll --headend URL --token T --config F`)",
+    ),
     "scan": (
         "gateway.scan",
         "scan_main",
         "find devices (`dergw scan modbus HOST[:PORT]`, `dergw scan rtu /dev/ttyX`, "
         "`dergw scan opcua URL`)",
+    ),
+    "audit": (
+        "gateway.audit_cli",
+        "main",
+        "check or list the gateway's audit log (`dergw audit verify|show --config F`)",
     ),
     "headend": ("headend_min.cli", "main", "run the headend (`dergw headend run`)"),
     "hil": ("hil.cli", "main", "simulated sites and HIL scenarios (`dergw hil run|scenario`)"),

@@ -72,6 +72,7 @@ __all__ = [
     "GrpcUplinkConfig",
     "MqttUplinkConfig",
     "OutboxConfig",
+    "SecurityConfig",
     "SiteConfig",
     "UplinkConfig",
     "check_config_main",
@@ -505,12 +506,37 @@ class DeviceConfig(_Model):
         return self
 
 
+class SecurityConfig(_Model):
+    """`[security]`: what this gateway trusts.
+
+    `intent_keys_file`: the headend's public intent-signing keys (trust file, JSON; see
+    gateway.intent_verify), installed at enrollment; default `<state_dir>/intent-keys.json`;
+    a relative path resolves against the config file's directory. Read at start and re-read
+    when it changes. Without it (not enrolled yet) the gateway still runs its local control and
+    refuses every intent as UNKNOWN_KEY.
+    """
+
+    intent_keys_file: Path | None = None
+
+    @field_validator("intent_keys_file")
+    @classmethod
+    def _resolve_keys_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = info.context.get("config_dir") if isinstance(info.context, Mapping) else None
+        if value is not None and base is not None and not value.is_absolute():
+            return Path(base) / value
+        return value
+
+    def intent_keys_path(self, state_dir: Path) -> Path:
+        return self.intent_keys_file or state_dir / "intent-keys.json"
+
+
 class GatewayConfig(_Model):
     gateway: GatewaySection
     site: SiteConfig
     uplink: UplinkConfig
     control: ControlConfig = ControlConfig()
     outbox: OutboxConfig = OutboxConfig()
+    security: SecurityConfig = SecurityConfig()
     devices: tuple[DeviceConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -301,8 +301,11 @@ def reported_state_payload(
     availability: Sequence[tuple[str, bool, str]],
     notes: Sequence[str] = (),
     clock_trusted: bool = True,
+    audit_head: tuple[int, bytes] | None = None,
 ) -> bytes:
-    """What the gateway enforces now, and why: every mode in force with its source."""
+    """What the gateway enforces now, and why: every mode in force with its source.
+
+    `audit_head`: the audit log's committed head (seq, hash), anchored by the headend."""
     event_ids = active.active_event_ids
     site_events = sorted(active.site.event_ids)
     modes = [_active_mode(None, scope_mode, active.site) for scope_mode in active.site.sources] + [
@@ -310,7 +313,7 @@ def reported_state_payload(
         for device_id, scope in active.device.items()
         for scope_mode in scope.sources
     ]
-    return pb.ReportedState(
+    state = pb.ReportedState(
         time=timestamp_from_ns(wall_ns),
         intent_version=active.intent_version,
         active_event_id=(site_events or list(event_ids) or [""])[0],
@@ -324,7 +327,10 @@ def reported_state_payload(
         active_modes=modes,
         clock_trusted=clock_trusted,
         notes=list(notes),
-    ).SerializeToString()
+    )
+    if audit_head is not None:
+        state.audit_head.seq, state.audit_head.hash = audit_head
+    return state.SerializeToString()
 
 
 def _active_mode(device_id: str | None, mode: str, scope: ScopeControls) -> pb.ActiveMode:

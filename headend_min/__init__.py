@@ -10,6 +10,8 @@ Modules:
   config        listen addresses, database location, keepalive (pure parsing)
   link          gRPC `GatewayLink/Connect`: registration, telemetry ingest with acks, intent push
   api           FastAPI routes under /api/v1; `schemas` holds their pydantic models
+  auth          operator API tokens (hashed at rest), roles, site scope, the routes' guard;
+                token_cli is `dergw headend token create|list|revoke`
   store         the async `Store` protocol and the records it returns
   sqlite_store  the SQLite implementation (one worker thread, WAL); sqlite_schema its migrations
   notify        `Notifier`: wakes the streams of a site when a new intent version exists
@@ -18,7 +20,9 @@ Modules:
   intents       pure: intent validation, merge and cancellation (versioned documents)
   fleet         pure: presence, per-gateway intent progress, feeder aggregation
   clock         the injectable wall clock and time conversions
+  signing       the intent signing key (Ed25519) and its trust file; signs each intent sent
 
-It shares only the wire contract (`dergw.v1`) with the gateway; it imports nothing from
-`gateway/`, `drivers/` or `hil/`.
+It shares only the wire contract (`dergw.v1`) with the gateway, plus `gateway.intent_verify`
+(pure: the signed-intent key ids and trust file format both ends must agree on, which `signing`
+writes); it imports nothing else from `gateway/`, and nothing from `drivers/` or `hil/`.
 """

@@ -3,6 +3,15 @@
 Routes read from the `Store` and render with `schemas`; intent posts compose the next version
 with the pure functions of `intents` inside the store's allocating transaction, then wake the
 site's streams through the `Notifier`. Errors are 4xx with a `detail` that says what to fix.
+
+Every route but `/healthz` (and the OpenAPI document and `/docs`, which hold no data) needs an
+API token (`auth.require`): viewer to read, operator to post and cancel intents, admin to manage
+tokens. A site-scoped token reads and commands its own site only: per-site routes answer 403
+for other sites, fleet-wide lists (`/sites`, `/gateways`, `/events`) are filtered to its site,
+and the fleet-wide aggregate `/grid/feeders` is refused.
+Intents and token changes record the principal that made them. Request bodies are limited to
+`max_body_bytes` before anything decodes them (413); path and query ids are bounded like the
+wire contract's, so hostile input is a 4xx and changes nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +23,23 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dergw.v1 import pb
+from dergw.v1 import MAX_ID_LENGTH, pb
+from headend_min.auth import (
+    Authenticator,
+    ForbiddenError,
+    Principal,
+    Role,
+    TokenGrantError,
+    check_site,
+    create_token,
+    require,
+)
 from headend_min.clock import Clock, datetime_from_ns, ns_from_datetime
 from headend_min.fleet import (
     FLEXIBILITY_MAX_AGE_NS,
@@ -47,11 +67,13 @@ from headend_min.model import (
 from headend_min.notify import Notifier
 from headend_min.schemas import (
     DeviceOut,
+    ErrorOut,
     EventResponseOut,
     FeederOut,
     FlexibilityOut,
     FlexibilitySummaryOut,
     GapOut,
+    GatewayIntentAckOut,
     GatewayIntentStatusOut,
     GatewayOut,
     HealthOut,
@@ -66,13 +88,129 @@ from headend_min.schemas import (
     SiteDetailOut,
     SiteFlexibilityOut,
     SiteOut,
+    TokenCreatedOut,
+    TokenCreateIn,
+    TokenOut,
 )
-from headend_min.store import IntentComposer, Store, StoreError, UnknownSiteError
+from headend_min.store import (
+    DuplicateTokenError,
+    IntentComposer,
+    Store,
+    StoreError,
+    UnknownSiteError,
+)
 
-__all__ = ["API_PREFIX", "create_api", "decode_cursor", "encode_cursor"]
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY_BYTES",
+    "PUBLIC_PATHS",
+    "BodyLimit",
+    "create_api",
+    "decode_cursor",
+    "encode_cursor",
+]
 
 API_PREFIX = "/api/v1"
+# The only operations served without an API token (read-only health). A route that authenticates
+# its caller another way (enrollment's one-time token) belongs here too; tests/headend/test_auth.py
+# checks that every other operation refuses anonymous calls.
+PUBLIC_PATHS = frozenset({f"{API_PREFIX}/healthz"})
+MAX_BODY_BYTES = 1024 * 1024
 _HISTORY_MAX_LIMIT = 10_000
+_INT64_MAX = 2**63 - 1
+_ID_PATTERN = r"^[A-Za-z0-9._:~-]+$"
+
+# Ids in paths and queries: the wire contract's bound and the characters ids are made of.
+SiteId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+GatewayId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+DeviceId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+EventId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+TokenId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
+SiteIdQuery = Annotated[str, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+OptionalSiteIdQuery = Annotated[
+    str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
+]
+OptionalIdQuery = Annotated[
+    str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
+]
+
+# Who may call a route (auth.require); `site_id` of the path or query must be in the scope.
+Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
+SiteViewer = Annotated[Principal, Depends(require(Role.VIEWER, site_param="site_id"))]
+SiteOperator = Annotated[Principal, Depends(require(Role.OPERATOR, site_param="site_id"))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorOut, "description": description}
+
+
+# What any route may answer besides its success (documented, so clients and schemathesis know).
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("the request cannot be parsed (a body that is not UTF-8, a foreign cursor)"),
+    401: _error("no valid API token (missing, malformed, unknown or revoked)"),
+    403: _error("the token's role or site scope does not cover this request"),
+    404: _error("the site, gateway, device, intent version or token does not exist"),
+    413: _error("the request body is over the size limit"),
+    422: _error("the request is invalid; `detail` says which part and why"),
+    503: _error("the database is unavailable; retry shortly"),
+}
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: _error("the request conflicts with the current state")
+}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over `max_bytes` with 413 before any decoding.
+
+    A declared Content-Length over the limit is refused without reading; a chunked body is
+    read up to the limit and then replayed to the app (the API's bodies are small JSON).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and not (declared.isdigit() and int(declared) <= self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body arrived
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            status_code=status.HTTP_413_CONTENT_TOO_LARGE,
+            content={"detail": f"request body over {self.max_bytes} bytes; send less"},
+        )
+        await response(scope, receive, send)
 
 
 class CursorError(ValueError):
@@ -95,6 +233,7 @@ def decode_cursor(text: str) -> HistoryCursor:
         and isinstance(gateway_id, str)
         and isinstance(seq, int)
         and isinstance(index, int)
+        and all(-_INT64_MAX <= n <= _INT64_MAX for n in (time_ns, seq, index))
     ):
         raise CursorError(text)
     return HistoryCursor(time_ns, gateway_id, seq, index)
@@ -102,6 +241,25 @@ def decode_cursor(text: str) -> HistoryCursor:
 
 def _not_found(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, detail=detail)
+
+
+def _forbidden_unless_sees(principal: Principal, site_id: str) -> None:
+    try:
+        check_site(principal, site_id)
+    except ForbiddenError as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=str(exc)) from None
+
+
+def _ns_of(moment: datetime | None, name: str) -> int | None:
+    if moment is None:
+        return None
+    wall_ns = ns_from_datetime(moment)
+    if not -_INT64_MAX <= wall_ns <= _INT64_MAX:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"{name} ({moment}) is out of range: give a time between 1678 and 2262",
+        )
+    return wall_ns
 
 
 def _rejection(exc: IntentRejected) -> HTTPException:
@@ -119,6 +277,7 @@ def create_api(
     clock: Clock,
     stale_after_s: float,
     new_event_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     stale_after_ns = int(stale_after_s * 1e9)
     app = FastAPI(
@@ -129,7 +288,9 @@ def create_api(
         docs_url="/docs",
         redoc_url=None,
     )
-    router = APIRouter(prefix=API_PREFIX)
+    app.state.authenticator = Authenticator(store, clock)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    router = APIRouter(prefix=API_PREFIX, responses=_ERROR_RESPONSES)
 
     @app.exception_handler(StoreError)
     async def _store_failed(_request: Request, exc: StoreError) -> JSONResponse:
@@ -156,10 +317,10 @@ def create_api(
             )
 
     async def append_and_publish(
-        site_id: str, compose: IntentComposer, now_ns: int
+        site_id: str, compose: IntentComposer, now_ns: int, principal: Principal
     ) -> IntentCreatedOut:
         try:
-            stored = await store.append_intent(site_id, compose, now_ns)
+            stored = await store.append_intent(site_id, compose, now_ns, posted_by=principal.label)
         except UnknownSiteError as exc:
             raise _not_found(str(exc)) from None
         except IntentRejected as exc:
@@ -202,6 +363,7 @@ def create_api(
                     issued_at=document.issued_at,
                     document=document,
                     gateways=progress,
+                    posted_by=stored.posted_by,
                 )
             )
         return result
@@ -218,34 +380,66 @@ def create_api(
         )
 
     @router.get("/gateways", response_model=list[GatewayOut], tags=["fleet"])
-    async def list_gateways(site_id: str | None = None) -> list[GatewayOut]:
+    async def list_gateways(
+        principal: SiteViewer, site_id: OptionalSiteIdQuery = None
+    ) -> list[GatewayOut]:
+        """The gateways of the site, or of the fleet (a site-scoped token: of its site)."""
         if site_id is not None:
             await require_site(site_id)
         now_ns = clock.wall_ns()
         return [
             GatewayOut.of(gateway, online=online(gateway, now_ns))
-            for gateway in await store.list_gateways(site_id)
+            for gateway in await store.list_gateways(site_id or principal.site_id)
         ]
 
     @router.get("/gateways/{gateway_id}", response_model=GatewayOut, tags=["fleet"])
-    async def get_gateway(gateway_id: str) -> GatewayOut:
+    async def get_gateway(principal: Viewer, gateway_id: GatewayId) -> GatewayOut:
         gateway = await store.get_gateway(gateway_id)
         if gateway is None:
             raise _not_found(
                 f"unknown gateway {gateway_id!r}: it has never registered "
                 "(GET /api/v1/gateways lists the known gateways)"
             )
+        _forbidden_unless_sees(principal, gateway.site_id)
         return GatewayOut.of(gateway, online=online(gateway, clock.wall_ns()))
 
     @router.get("/gateways/{gateway_id}/gaps", response_model=list[GapOut], tags=["telemetry"])
     async def list_gaps(
-        gateway_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+        principal: Viewer,
+        gateway_id: GatewayId,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[GapOut]:
         """What the gateway's outbox shed (quota reached) or could not store, newest first."""
+        if principal.site_id is not None:
+            gateway = await store.get_gateway(gateway_id)
+            if gateway is None:
+                return []
+            _forbidden_unless_sees(principal, gateway.site_id)
         return [GapOut.of(gap) for gap in await store.gaps(gateway_id=gateway_id, limit=limit)]
 
+    @router.get(
+        "/gateways/{gateway_id}/intent-acks",
+        response_model=list[GatewayIntentAckOut],
+        tags=["intents"],
+    )
+    async def list_gateway_intent_acks(
+        principal: Viewer,
+        gateway_id: GatewayId,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[GatewayIntentAckOut]:
+        """What the gateway answered to the intents it received, newest first, including
+        refusals of intents this headend never issued (forged, tampered, replayed ...)."""
+        if principal.site_id is not None:
+            gateway = await store.get_gateway(gateway_id)
+            if gateway is None:
+                return []
+            _forbidden_unless_sees(principal, gateway.site_id)
+        acks = await store.gateway_intent_acks(gateway_id, limit)
+        return [GatewayIntentAckOut.of(site_id, record) for site_id, record in acks]
+
     @router.get("/sites", response_model=list[SiteOut], tags=["fleet"])
-    async def list_sites() -> list[SiteOut]:
+    async def list_sites(principal: Viewer) -> list[SiteOut]:
+        """The fleet's sites (a site-scoped token: its own site only)."""
         now_ns = clock.wall_ns()
         gateways = await store.list_gateways()
         gateways_of: defaultdict[str, list[GatewayRecord]] = defaultdict(list)
@@ -259,6 +453,8 @@ def create_api(
         result: list[SiteOut] = []
         for record in await store.list_sites():
             site_id = record.site.site_id
+            if not principal.sees(site_id):
+                continue
             site_gateways = gateways_of.get(site_id, [])
             result.append(
                 SiteOut.of(
@@ -272,7 +468,7 @@ def create_api(
         return result
 
     @router.get("/sites/{site_id}", response_model=SiteDetailOut, tags=["fleet"])
-    async def get_site(site_id: str) -> SiteDetailOut:
+    async def get_site(_principal: SiteViewer, site_id: SiteId) -> SiteDetailOut:
         record = await store.get_site(site_id)
         if record is None:
             raise _not_found(str(UnknownSiteError(site_id)))
@@ -297,7 +493,7 @@ def create_api(
         )
 
     @router.get("/sites/{site_id}/flexibility", response_model=SiteFlexibilityOut, tags=["grid"])
-    async def get_site_flexibility(site_id: str) -> SiteFlexibilityOut:
+    async def get_site_flexibility(_principal: SiteViewer, site_id: SiteId) -> SiteFlexibilityOut:
         """The newest flexibility report of each gateway of the site, with its forecast."""
         await require_site(site_id)
         now_ns = clock.wall_ns()
@@ -319,14 +515,16 @@ def create_api(
         )
 
     @router.get("/sites/{site_id}/devices", response_model=list[DeviceOut], tags=["fleet"])
-    async def list_site_devices(site_id: str) -> list[DeviceOut]:
+    async def list_site_devices(_principal: SiteViewer, site_id: SiteId) -> list[DeviceOut]:
         await require_site(site_id)
         return [DeviceOut.of(d) for d in await store.list_devices(site_id)]
 
     # -- telemetry ------------------------------------------------------------------------------
 
     @router.get("/telemetry/latest", response_model=list[LatestPointOut], tags=["telemetry"])
-    async def latest_telemetry(site_id: str, device_id: str | None = None) -> list[LatestPointOut]:
+    async def latest_telemetry(
+        _principal: SiteViewer, site_id: SiteIdQuery, device_id: OptionalIdQuery = None
+    ) -> list[LatestPointOut]:
         if device_id is None:
             await require_site(site_id)
         else:
@@ -336,18 +534,23 @@ def create_api(
 
     @router.get("/telemetry/history", response_model=HistoryPageOut, tags=["telemetry"])
     async def telemetry_history(
-        site_id: str,
-        device_id: str,
-        point: str | None = None,
+        _principal: SiteViewer,
+        site_id: SiteIdQuery,
+        device_id: Annotated[
+            str, Query(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)
+        ],
+        point: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LENGTH)] = None,
         start: Annotated[
             datetime | None, Query(description="inclusive, ISO-8601 (no offset = UTC)")
         ] = None,
         end: Annotated[datetime | None, Query(description="exclusive, ISO-8601")] = None,
         limit: Annotated[int, Query(ge=1, le=_HISTORY_MAX_LIMIT)] = 1000,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+        cursor: Annotated[
+            str | None, Query(max_length=1024, description="next_cursor of the previous page")
+        ] = None,
     ) -> HistoryPageOut:
-        start_ns = ns_from_datetime(start) if start is not None else None
-        end_ns = ns_from_datetime(end) if end is not None else None
+        start_ns = _ns_of(start, "start")
+        end_ns = _ns_of(end, "end")
         if start_ns is not None and end_ns is not None and start_ns >= end_ns:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -375,13 +578,17 @@ def create_api(
 
     @router.get("/events", response_model=list[EventResponseOut], tags=["telemetry"])
     async def list_event_responses(
-        site_id: str | None = None,
-        event_id: str | None = None,
+        principal: SiteViewer,
+        site_id: OptionalSiteIdQuery = None,
+        event_id: OptionalIdQuery = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     ) -> list[EventResponseOut]:
+        """Gateways' responses to events (a site-scoped token: of its site)."""
         if site_id is not None:
             await require_site(site_id)
-        records = await store.event_responses(site_id=site_id, event_id=event_id, limit=limit)
+        records = await store.event_responses(
+            site_id=site_id or principal.site_id, event_id=event_id, limit=limit
+        )
         return [EventResponseOut.of(r) for r in records]
 
     # -- desired state --------------------------------------------------------------------------
@@ -391,24 +598,28 @@ def create_api(
         response_model=IntentCreatedOut,
         status_code=status.HTTP_201_CREATED,
         tags=["intents"],
+        responses=_CONFLICT,
     )
-    async def post_site_intent(site_id: str, body: IntentPostIn) -> IntentCreatedOut:
+    async def post_site_intent(
+        principal: SiteOperator, site_id: SiteId, body: IntentPostIn
+    ) -> IntentCreatedOut:
         request = body.to_request()
         now_ns = clock.wall_ns()
 
         def compose(basis: IntentBasis) -> pb.IntentDocument:
             return compose_intent(basis, request, now_ns=now_ns, new_event_id=new_event_id)
 
-        return await append_and_publish(site_id, compose, now_ns)
+        return await append_and_publish(site_id, compose, now_ns, principal)
 
     @router.post(
         "/sites/{site_id}/devices/{device_id}/intents",
         response_model=IntentCreatedOut,
         status_code=status.HTTP_201_CREATED,
         tags=["intents"],
+        responses=_CONFLICT,
     )
     async def post_device_intent(
-        site_id: str, device_id: str, body: IntentPostIn
+        principal: SiteOperator, site_id: SiteId, device_id: DeviceId, body: IntentPostIn
     ) -> IntentCreatedOut:
         try:
             request = for_device(body.to_request(), device_id)
@@ -431,25 +642,30 @@ def create_api(
                 scope_device_id=device_id,
             )
 
-        return await append_and_publish(site_id, compose, now_ns)
+        return await append_and_publish(site_id, compose, now_ns, principal)
 
     @router.post(
         "/sites/{site_id}/events/{event_id}/cancel",
         response_model=IntentCreatedOut,
         status_code=status.HTTP_201_CREATED,
         tags=["intents"],
+        responses=_CONFLICT,
     )
-    async def cancel_site_event(site_id: str, event_id: str) -> IntentCreatedOut:
+    async def cancel_site_event(
+        principal: SiteOperator, site_id: SiteId, event_id: EventId
+    ) -> IntentCreatedOut:
         now_ns = clock.wall_ns()
 
         def compose(basis: IntentBasis) -> pb.IntentDocument:
             return cancel_event(basis, event_id, now_ns=now_ns)
 
-        return await append_and_publish(site_id, compose, now_ns)
+        return await append_and_publish(site_id, compose, now_ns, principal)
 
     @router.get("/sites/{site_id}/intents", response_model=list[IntentVersionOut], tags=["intents"])
     async def list_site_intents(
-        site_id: str, limit: Annotated[int, Query(ge=1, le=100)] = 20
+        _principal: SiteViewer,
+        site_id: SiteId,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
     ) -> list[IntentVersionOut]:
         await require_site(site_id)
         return await intent_versions(site_id, await store.list_intents(site_id, limit))
@@ -457,7 +673,11 @@ def create_api(
     @router.get(
         "/sites/{site_id}/intents/{version}", response_model=IntentVersionOut, tags=["intents"]
     )
-    async def get_site_intent(site_id: str, version: int) -> IntentVersionOut:
+    async def get_site_intent(
+        _principal: SiteViewer,
+        site_id: SiteId,
+        version: Annotated[int, Path(ge=1, le=_INT64_MAX)],
+    ) -> IntentVersionOut:
         await require_site(site_id)
         stored = await store.get_intent(site_id, version)
         if stored is None:
@@ -471,7 +691,15 @@ def create_api(
     # -- grid -----------------------------------------------------------------------------------
 
     @router.get("/grid/feeders", response_model=list[FeederOut], tags=["grid"])
-    async def grid_feeders() -> list[FeederOut]:
+    async def grid_feeders(principal: Viewer) -> list[FeederOut]:
+        """Per-feeder aggregates over the whole fleet (not for site-scoped tokens)."""
+        if principal.site_id is not None:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                detail=f"token {principal.token_id} ({principal.name}) is scoped to site "
+                f"{principal.site_id!r}; feeder aggregates span the fleet and need an unscoped "
+                "token",
+            )
         summaries = summarize_feeders(
             [record.site for record in await store.list_sites()],
             await store.list_gateways(),
@@ -483,6 +711,47 @@ def create_api(
             flexibility=await store.latest_flexibility(),
         )
         return [FeederOut.of(summary) for summary in summaries]
+
+    # -- operator API tokens --------------------------------------------------------------------
+
+    @router.post(
+        "/tokens",
+        response_model=TokenCreatedOut,
+        status_code=status.HTTP_201_CREATED,
+        tags=["admin"],
+        responses=_CONFLICT,
+    )
+    async def create_api_token(principal: Admin, body: TokenCreateIn) -> TokenCreatedOut:
+        """A new API token; the response holds its secret, which is not shown again."""
+        try:
+            text, record = await create_token(
+                store,
+                name=body.name,
+                role=Role.parse(body.role),
+                site_id=body.site_id,
+                created_by=principal.label,
+                now_ns=clock.wall_ns(),
+            )
+        except TokenGrantError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from None
+        except DuplicateTokenError as exc:  # 64 random bits collided: the caller may retry
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=f"{exc}; retry") from None
+        return TokenCreatedOut(**TokenOut.of(record).model_dump(), token=str(text))
+
+    @router.get("/tokens", response_model=list[TokenOut], tags=["admin"])
+    async def list_api_tokens(_principal: Admin) -> list[TokenOut]:
+        """Every token, revoked ones included, without secrets."""
+        return [TokenOut.of(token) for token in await store.list_tokens()]
+
+    @router.post("/tokens/{token_id}/revoke", response_model=TokenOut, tags=["admin"])
+    async def revoke_api_token(principal: Admin, token_id: TokenId) -> TokenOut:
+        """Refuse the token from now on (revoking twice keeps the first revocation)."""
+        revoked = await store.revoke_token(token_id, principal.label, clock.wall_ns())
+        if revoked is None:
+            raise _not_found(
+                f"unknown API token {token_id!r} (GET /api/v1/tokens lists the tokens)"
+            )
+        return TokenOut.of(revoked)
 
     app.include_router(router)
     return app

@@ -23,12 +23,20 @@ from fastapi import FastAPI
 
 from dergw.v1 import dergw_pb2_grpc, grpc_channel_options
 from headend_min.api import create_api
+from headend_min.auth import BootstrapTokenError, TokenText, ensure_admin_token_file
 from headend_min.clock import Clock, SystemClock
-from headend_min.config import DatabaseLocation, Endpoint, HeadendConfig, PostgresUrl
+from headend_min.config import (
+    ConfigError,
+    DatabaseLocation,
+    Endpoint,
+    HeadendConfig,
+    PostgresUrl,
+)
 from headend_min.link import GatewayLinkService
 from headend_min.mqtt_link import MqttIntentNotifier, MqttLink
 from headend_min.notify import InProcessNotifier, Notifier
 from headend_min.session import Admission, GatewaySessions
+from headend_min.signing import SigningKey, SigningKeyError, load_or_create_signing_key
 from headend_min.sqlite_store import SqliteStore
 from headend_min.store import Store, StoreError
 
@@ -81,6 +89,10 @@ async def _open_store(location: DatabaseLocation) -> Store:
     return await SqliteStore.open(location)
 
 
+# Public for the commands that work on the database directly (`dergw headend token`).
+open_store = _open_store
+
+
 class Headend:
     """One headend instance. `async with Headend(config) as headend:` serves until the block ends.
 
@@ -111,6 +123,9 @@ class Headend:
         self._link: GatewayLinkService | None = None
         self._mqtt: MqttLink | None = None
         self.api: FastAPI | None = None
+        # The bootstrap admin token of `config.admin_token_file` (None without one).
+        self.admin_token: TokenText | None = None
+        self.signing_key: SigningKey | None = None  # loaded (or created) at start
         self.grpc_endpoint = config.grpc
         self.http_endpoint = config.http
 
@@ -140,11 +155,27 @@ class Headend:
 
     async def _start(self) -> None:
         config = self.config
+        try:
+            key_path = config.signing_key_path()
+            signing_key = await asyncio.to_thread(load_or_create_signing_key, key_path)
+        except (ConfigError, SigningKeyError) as exc:
+            raise HeadendStartError(str(exc)) from exc
+        self.signing_key = signing_key
+        _log.info("signing intents with key %s (%s)", signing_key.key_id, key_path)
         self._store = self._given_store or await _open_store(config.db_path)
+        if config.admin_token_file is not None:
+            try:
+                self.admin_token = await ensure_admin_token_file(
+                    self._store, config.admin_token_file, now_ns=self.clock.wall_ns()
+                )
+            except BootstrapTokenError as exc:
+                raise HeadendStartError(str(exc)) from exc
         await self._use_database_notifier(self._store)
         self.sessions = GatewaySessions(
             self._store,
             self.clock,
+            signing_key=signing_key,
+            intent_validity_s=config.intent_validity_s,
             admission=Admission(
                 rate_per_s=config.admission_rate_per_s, burst=config.admission_burst
             ),

@@ -1,4 +1,5 @@
 """`dergw headend run`: start the headend (gRPC link + HTTP API) in one process.
+(`dergw headend token ...` manages operator API tokens: `token_cli`.)
 
 Prints `headend ready grpc=HOST:PORT http=HOST:PORT` (real ports, also for port 0; followed by
 ` mqtt=HOST:PORT` with `--mqtt`) on stdout once both listen (and the MQTT subscription is in
@@ -11,10 +12,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from headend_min.app import Headend, HeadendStartError, serve
 from headend_min.config import (
     DEFAULT_DB_URL,
+    SIGNING_KEY_FILE,
     ConfigError,
     Endpoint,
     HeadendConfig,
@@ -22,6 +25,7 @@ from headend_min.config import (
     parse_endpoint,
 )
 from headend_min.store import StoreError
+from headend_min.token_cli import add_token_commands, token_main
 
 __all__ = ["main"]
 
@@ -58,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve gateways through this MQTT v5 broker (default: gRPC only)",
     )
     run.add_argument(
+        "--signing-key",
+        default=None,
+        type=Path,
+        metavar="FILE",
+        help="Ed25519 key (PEM) intents are signed with; created (0600) if missing, with its "
+        "public trust file FILE.pub.json for gateways next to it (default: "
+        f"{SIGNING_KEY_FILE} next to a SQLite --db; required with PostgreSQL)",
+    )
+    run.add_argument(
+        "--admin-token-file",
+        default=None,
+        type=Path,
+        metavar="FILE",
+        help="bootstrap admin API token: the token in FILE is accepted as admin; if FILE does "
+        "not exist, a new admin token is created and written there (0600)",
+    )
+    run.add_argument(
         "--keepalive-s",
         type=float,
         default=20.0,
@@ -70,19 +91,24 @@ def _parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level on stderr (default %(default)s)",
     )
+    add_token_commands(commands)
     return parser
 
 
 def _config(args: argparse.Namespace) -> HeadendConfig:
     if args.keepalive_s <= 0:
         raise ConfigError("--keepalive-s must be > 0")
-    return HeadendConfig(
+    config = HeadendConfig(
         grpc=parse_endpoint(args.grpc, flag="--grpc"),
         http=parse_endpoint(args.http, flag="--http"),
         db_path=parse_db_url(args.db),
         keepalive_s=args.keepalive_s,
         mqtt=_mqtt_endpoint(args.mqtt),
+        signing_key=args.signing_key,
+        admin_token_file=args.admin_token_file,
     )
+    config.signing_key_path()  # no default key with PostgreSQL: say so before starting
+    return config
 
 
 def _mqtt_endpoint(text: str | None) -> Endpoint | None:
@@ -103,6 +129,8 @@ def _announce(headend: Headend) -> None:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        return token_main(args)
     try:
         config = _config(args)
     except ConfigError as exc:

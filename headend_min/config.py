@@ -8,11 +8,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_DB_URL",
+    "SIGNING_KEY_FILE",
     "ConfigError",
     "DatabaseLocation",
     "Endpoint",
     "HeadendConfig",
     "PostgresUrl",
+    "default_signing_key_path",
     "parse_db_url",
     "parse_endpoint",
 ]
@@ -110,6 +112,20 @@ def parse_db_url(text: str) -> DatabaseLocation:
     return Path(text)
 
 
+SIGNING_KEY_FILE = "intent-signing-key.pem"
+
+
+def default_signing_key_path(db_path: DatabaseLocation) -> Path:
+    """`intent-signing-key.pem` next to a SQLite database. PostgreSQL has no default: every
+    instance on the database must sign with the same key, so each must be given its file."""
+    if isinstance(db_path, PostgresUrl):
+        raise ConfigError(
+            f"--db {db_path} needs --signing-key FILE: every headend instance on a shared "
+            "database signs intents with the same key (copy one key file to each instance)"
+        )
+    return db_path.parent / SIGNING_KEY_FILE
+
+
 @dataclass(frozen=True, slots=True)
 class HeadendConfig:
     grpc: Endpoint = Endpoint("127.0.0.1", 50051)
@@ -130,6 +146,20 @@ class HeadendConfig:
     # instances split the gateways' messages with one shared subscription group.
     mqtt: Endpoint | None = None
     mqtt_share_group: str = "dergw-headend"
+    # Bootstrap admin API token (headend_min.auth): the token in this file is ensured at start,
+    # or a new one is minted and written here (0600) when the file does not exist.
+    admin_token_file: Path | None = None
+    # The Ed25519 key intents are signed with (headend_min.signing); created if missing. None =
+    # `default_signing_key_path(db_path)`: next to a SQLite database; required for PostgreSQL.
+    signing_key: Path | None = None
+    # Accept-by time of a signed intent (not an execution limit): 24 h after it was sent.
+    intent_validity_s: float = 24 * 3600.0
+
+    def signing_key_path(self) -> Path:
+        """The signing key file to use; raises ConfigError when there is no default."""
+        if self.signing_key is not None:
+            return self.signing_key
+        return default_signing_key_path(self.db_path)
 
     @property
     def presence_interval_s(self) -> float:

@@ -7,7 +7,8 @@ that, three things run concurrently and meet in one bounded outbox that the RPC 
 
 * the reader commits each telemetry batch and only then queues `Ack(up_to_seq=last_seq)`, and
   records intent acks;
-* the intent pusher waits on the `Notifier` and queues the newest document of the site;
+* the intent pusher waits on the `Notifier` and queues the newest document of the site, signed
+  for this gateway (`GatewaySessions.intent_message`);
 * the RPC itself yields queued messages and records which intent versions went out.
 
 The only in-memory state is which streams are open on this process (transport state that
@@ -46,11 +47,19 @@ class _End:
     details: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _IntentOut:
+    """A signed intent to send, with the document it carries (its delivery is recorded)."""
+
+    message: pb.DownMessage
+    document: pb.IntentDocument
+
+
 @dataclass(slots=True)
 class _Session:
     stream: StreamRef
     site_id: str
-    outbox: asyncio.Queue[pb.DownMessage | _End]
+    outbox: asyncio.Queue[pb.DownMessage | _IntentOut | _End]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def end(self, code: grpc.StatusCode, details: str) -> None:
@@ -166,9 +175,11 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
                         if item.code is None:
                             return
                         await context.abort(item.code, item.details)
-                    yield item
-                    if item.HasField("intent"):
-                        await self._record_delivery(stream, item.intent)
+                    if isinstance(item, _IntentOut):
+                        yield item.message
+                        await self._record_delivery(stream, item.document)
+                    else:
+                        yield item
             finally:
                 # Also when cancelled mid-register: the row then reads closed, not stale-open.
                 await self._finish(session)
@@ -287,7 +298,8 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         document = await self._sessions_ops.latest_intent_after(session.site_id, sent_version)
         if document is None:
             return sent_version
-        await session.outbox.put(pb.DownMessage(intent=document))
+        message = self._sessions_ops.intent_message(session.stream.gateway_id, document)
+        await session.outbox.put(_IntentOut(message, document))
         return document.version
 
     async def run_presence(self) -> None:

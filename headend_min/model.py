@@ -16,6 +16,8 @@ from typing import NamedTuple
 from dergw.v1 import pb
 
 __all__ = [
+    "INTENT_DELIVERY_COLUMNS",
+    "ApiToken",
     "ClockSyncRow",
     "CommitResult",
     "DecisionRow",
@@ -200,6 +202,8 @@ class StoredIntent:
     version: int
     issued_at_ns: int
     document: pb.IntentDocument
+    # Who posted it ("NAME (token ID)"); None for versions stored before operator tokens.
+    posted_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +232,12 @@ class IntentDeliveryRecord:
     ack_status: int | None
     ack_reason: str
     acked_at_ns: int | None
+
+
+# The intent_deliveries columns an IntentDeliveryRecord is built from, in field order (both stores).
+INTENT_DELIVERY_COLUMNS = (
+    "gateway_id, version, delivered_at_ns, ack_status, ack_reason, acked_at_ns"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,3 +487,19 @@ class GapRecord:
     reason: str
     device_ids: tuple[str, ...]
     received_at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An operator API token as stored: the SHA-256 of its secret, never the secret."""
+
+    token_id: str
+    name: str
+    secret_sha256: str  # hex
+    role: str  # "viewer" | "operator" | "admin" (headend_min.auth.Role)
+    site_id: str | None  # the one site it may see and command; None = every site
+    created_at_ns: int
+    created_by: str
+    revoked_at_ns: int | None = None
+    revoked_by: str | None = None
+    last_used_at_ns: int | None = None

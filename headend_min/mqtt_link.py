@@ -9,8 +9,10 @@ Topics (all QoS 1, payloads serialized `dergw.v1` messages, prefix `dergw/v1/<ga
                    close) closes the stream in the store.
     up/telemetry   UpMessage(telemetry): committed, then Ack on down/ack.
     up/events      UpMessage(intent_ack): recorded.
-    down/intent    DownMessage(intent): `publish_intent()` and the register path; the broker
-                   queues it in the gateway's persistent session while the gateway is offline.
+    down/intent    DownMessage(signed_intent): `publish_intent()` and the register path, signed
+                   for that gateway when published; the broker queues it in the gateway's
+                   persistent session while the gateway is offline (its accept-by time bounds
+                   how long a queued copy stays acceptable).
     down/ack       DownMessage(register_ack | ack | retry_after)
 
 The gateway sends the MQTT v5 CorrelationData of its connection (random per connection) on
@@ -608,7 +610,8 @@ class MqttLink:
             )
 
     async def _send_intent(self, gateway_id: str, document: pb.IntentDocument) -> None:
-        await self.publish(gateway_id, DOWN_INTENT, pb.DownMessage(intent=document))
+        message = self.sessions.intent_message(gateway_id, document)
+        await self.publish(gateway_id, DOWN_INTENT, message)
         await self.sessions.record_delivery(gateway_id, document)
 
     async def _run_presence(self) -> None:

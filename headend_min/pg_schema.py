@@ -258,6 +258,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX samples_unsynced ON samples (gateway_id, boot_id) WHERE clock_synced = 0",
         ),
     ),
+    Migration(
+        5,
+        "operator API tokens; intents record who posted them",
+        (
+            # The secret itself is never stored: only its SHA-256 (headend_min.auth).
+            """CREATE TABLE api_tokens (
+                token_id TEXT COLLATE "C" PRIMARY KEY,
+                name TEXT COLLATE "C" NOT NULL,
+                secret_sha256 TEXT COLLATE "C" NOT NULL,
+                role TEXT COLLATE "C" NOT NULL,
+                site_id TEXT COLLATE "C",
+                created_at_ns BIGINT NOT NULL,
+                created_by TEXT COLLATE "C" NOT NULL,
+                revoked_at_ns BIGINT,
+                revoked_by TEXT COLLATE "C",
+                last_used_at_ns BIGINT
+            )""",
+            'ALTER TABLE intents ADD COLUMN posted_by TEXT COLLATE "C"',
+        ),
+    ),
 )
 
 

@@ -38,6 +38,8 @@ from psycopg_pool import AsyncConnectionPool
 from dergw.v1 import ns_from_timestamp, pb
 from headend_min.ingest import flexibility_record, sample_points
 from headend_min.model import (
+    INTENT_DELIVERY_COLUMNS,
+    ApiToken,
     CommitResult,
     DeviceInfo,
     DeviceRecord,
@@ -71,7 +73,12 @@ from headend_min.model import (
 )
 from headend_min.pg_schema import migrate
 from headend_min.seqranges import absorb
-from headend_min.store import IntentComposer, StoreError, UnknownSiteError
+from headend_min.store import (
+    DuplicateTokenError,
+    IntentComposer,
+    StoreError,
+    UnknownSiteError,
+)
 
 __all__ = ["INTENT_CHANNEL", "PgStore", "describe_url"]
 
@@ -195,13 +202,25 @@ def _device_row(gateway_id: str, device: DeviceInfo) -> tuple[object, ...]:
     )
 
 
+_INTENT_COLUMNS = "site_id, version, issued_at_ns, document, posted_by"
+_TOKEN_COLUMNS = (
+    "token_id, name, secret_sha256, role, site_id, created_at_ns, created_by, revoked_at_ns, "
+    "revoked_by, last_used_at_ns"
+)
+
+
 def _intent(row: Sequence[Any]) -> StoredIntent:
     return StoredIntent(
         site_id=row[0],
         version=row[1],
         issued_at_ns=row[2],
         document=pb.IntentDocument.FromString(row[3]),
+        posted_by=row[4],
     )
+
+
+def _token(row: Sequence[Any]) -> ApiToken:
+    return ApiToken(*row)
 
 
 def _overlaps(first: int, last: int, watermark: int, ranges: Sequence[tuple[int, int]]) -> bool:
@@ -722,7 +741,12 @@ class PgStore:
     # -- the Store protocol: desired state ------------------------------------------------------
 
     async def append_intent(
-        self, site_id: str, compose: IntentComposer, now_ns: int
+        self,
+        site_id: str,
+        compose: IntentComposer,
+        now_ns: int,
+        *,
+        posted_by: str | None = None,
     ) -> StoredIntent:
         async with self._transaction() as tx:
             # The site row lock serializes version allocation across headend instances.
@@ -753,35 +777,34 @@ class PgStore:
                 )
             issued_at_ns = ns_from_timestamp(document.issued_at) or now_ns
             await tx.execute(
-                "INSERT INTO intents (site_id, version, issued_at_ns, document) "
-                "VALUES (%s, %s, %s, %s)",
-                (site_id, next_version, issued_at_ns, document.SerializeToString()),
+                "INSERT INTO intents (site_id, version, issued_at_ns, document, posted_by) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (site_id, next_version, issued_at_ns, document.SerializeToString(), posted_by),
             )
             # Delivered at commit, to every instance's listener (pg_notify): the wake-up cannot
             # be lost to a crash between this commit and the caller's Notifier.publish.
             await tx.execute(
                 "SELECT pg_notify(%s, %s)", (INTENT_CHANNEL, f"{site_id}:{next_version}")
             )
-        return StoredIntent(site_id, next_version, issued_at_ns, document)
+        return StoredIntent(site_id, next_version, issued_at_ns, document, posted_by)
 
     async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
         if version is None:
             row = await self._fetchone(
-                "SELECT site_id, version, issued_at_ns, document FROM intents "
+                f"SELECT {_INTENT_COLUMNS} FROM intents "
                 "WHERE site_id = %s ORDER BY version DESC LIMIT 1",
                 (site_id,),
             )
         else:
             row = await self._fetchone(
-                "SELECT site_id, version, issued_at_ns, document FROM intents "
-                "WHERE site_id = %s AND version = %s",
+                f"SELECT {_INTENT_COLUMNS} FROM intents WHERE site_id = %s AND version = %s",
                 (site_id, version),
             )
         return _intent(row) if row is not None else None
 
     async def list_intents(self, site_id: str, limit: int) -> list[StoredIntent]:
         rows = await self._fetchall(
-            "SELECT site_id, version, issued_at_ns, document FROM intents "
+            f"SELECT {_INTENT_COLUMNS} FROM intents "
             "WHERE site_id = %s ORDER BY version DESC LIMIT %s",
             (site_id, limit),
         )
@@ -797,11 +820,22 @@ class PgStore:
         if not versions:
             return []
         rows = await self._fetchall(
-            "SELECT gateway_id, version, delivered_at_ns, ack_status, ack_reason, acked_at_ns "
-            "FROM intent_deliveries WHERE site_id = %s AND version = ANY(%s)",
+            f"SELECT {INTENT_DELIVERY_COLUMNS} FROM intent_deliveries "
+            "WHERE site_id = %s AND version = ANY(%s)",
             (site_id, list(versions)),
         )
         return [IntentDeliveryRecord(*row) for row in rows]
+
+    async def gateway_intent_acks(
+        self, gateway_id: str, limit: int
+    ) -> list[tuple[str, IntentDeliveryRecord]]:
+        rows = await self._fetchall(
+            f"SELECT site_id, {INTENT_DELIVERY_COLUMNS} FROM intent_deliveries "
+            "WHERE gateway_id = %s AND acked_at_ns IS NOT NULL "
+            "ORDER BY acked_at_ns DESC, version DESC LIMIT %s",
+            (gateway_id, limit),
+        )
+        return [(row[0], IntentDeliveryRecord(*row[1:])) for row in rows]
 
     async def latest_intent_statuses(
         self, site_id: str, versions: Sequence[int]
@@ -1039,3 +1073,57 @@ class PgStore:
             params = (site_id,)
         rows = await self._fetchall(query + " ORDER BY f.gateway_id", params)
         return [flexibility_record(gateway_id, seq, payload) for gateway_id, seq, payload in rows]
+
+    # -- the Store protocol: operator API tokens -------------------------------------------------
+
+    async def create_token(self, token: ApiToken) -> None:
+        async with self._transaction() as tx:
+            cursor = await tx.execute(
+                f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES ({_placeholders(10)}) "
+                "ON CONFLICT (token_id) DO NOTHING RETURNING token_id",
+                (
+                    token.token_id,
+                    token.name,
+                    token.secret_sha256,
+                    token.role,
+                    token.site_id,
+                    token.created_at_ns,
+                    token.created_by,
+                    token.revoked_at_ns,
+                    token.revoked_by,
+                    token.last_used_at_ns,
+                ),
+            )
+            inserted = await cursor.fetchone()
+        if inserted is None:
+            raise DuplicateTokenError(f"an API token with id {token.token_id!r} exists")
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        row = await self._fetchone(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_id = %s", (token_id,)
+        )
+        return _token(row) if row is not None else None
+
+    async def list_tokens(self) -> list[ApiToken]:
+        rows = await self._fetchall(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at_ns, token_id"
+        )
+        return [_token(row) for row in rows]
+
+    async def revoke_token(self, token_id: str, revoked_by: str, now_ns: int) -> ApiToken | None:
+        async with self._transaction() as tx:
+            await tx.execute(
+                "UPDATE api_tokens SET revoked_at_ns = %s, revoked_by = %s "
+                "WHERE token_id = %s AND revoked_at_ns IS NULL",
+                (now_ns, revoked_by, token_id),
+            )
+        return await self.get_token(token_id)
+
+    async def touch_token(self, token_id: str, now_ns: int) -> None:
+        async with self._transaction() as tx:
+            await tx.execute(
+                "UPDATE api_tokens "
+                "SET last_used_at_ns = GREATEST(COALESCE(last_used_at_ns, 0), %s) "
+                "WHERE token_id = %s",
+                (now_ns, token_id),
+            )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,12 +30,14 @@ from headend_min.intents import (
     ProgramRequest,
 )
 from headend_min.model import (
+    ApiToken,
     DeviceRecord,
     EventResponseRecord,
     FlexibilityRecord,
     GapRecord,
     GatewayRecord,
     HistoryPoint,
+    IntentDeliveryRecord,
     LatestPoint,
     ReportedStateRecord,
     SiteRecord,
@@ -388,6 +390,12 @@ class ReportedStateOut(BaseModel):
     devices: list[AvailabilityOut]
     clock_trusted: bool = Field(description="false: scheduled events are not started")
     notes: list[str] = Field(description="conditions in force, e.g. PCC meter stale")
+    audit_head_seq: int = Field(
+        0, description="the gateway's audit log head as reported (0 = none): its anchor"
+    )
+    audit_head_hash: str = Field(
+        "", description="hex SHA-256 of that record; `dergw audit verify --anchor SEQ:HASH`"
+    )
 
     @classmethod
     def of(cls, record: ReportedStateRecord) -> ReportedStateOut:
@@ -421,6 +429,8 @@ class ReportedStateOut(BaseModel):
             ],
             clock_trusted=state.clock_trusted,
             notes=list(state.notes),
+            audit_head_seq=state.audit_head.seq,
+            audit_head_hash=state.audit_head.hash.hex(),
         )
 
 
@@ -611,6 +621,9 @@ class IntentCreatedOut(BaseModel):
     site_id: str
     version: int
     document: IntentDocumentOut
+    posted_by: str | None = Field(
+        description="the API token that posted it, 'NAME (token ID)'; null before tokens"
+    )
 
     @classmethod
     def of(cls, stored: StoredIntent) -> IntentCreatedOut:
@@ -618,6 +631,7 @@ class IntentCreatedOut(BaseModel):
             site_id=stored.site_id,
             version=stored.version,
             document=IntentDocumentOut.of(stored.document),
+            posted_by=stored.posted_by,
         )
 
 
@@ -668,12 +682,41 @@ class GatewayIntentStatusOut(BaseModel):
         )
 
 
+class GatewayIntentAckOut(BaseModel):
+    """A gateway's answer to an intent version it received, newest first. Versions this
+    headend never issued appear too: a gateway refusing one means someone else sent it."""
+
+    site_id: str
+    version: int
+    ack: str = Field(description="PERSISTED | STALE | REJECTED")
+    reason: str = Field(
+        description="for a refused signature check, prefixed with the check that failed, e.g. "
+        "'BAD_SIGNATURE: ...'"
+    )
+    acked_at: datetime | None
+
+    @classmethod
+    def of(cls, site_id: str, record: IntentDeliveryRecord) -> GatewayIntentAckOut:
+        return cls(
+            site_id=site_id,
+            version=record.version,
+            ack=wire_enum_label(
+                pb.IntentAckStatus.DESCRIPTOR, record.ack_status or 0, "INTENT_ACK_STATUS_"
+            ),
+            reason=record.ack_reason,
+            acked_at=_time(record.acked_at_ns),
+        )
+
+
 class IntentVersionOut(BaseModel):
     site_id: str
     version: int
     issued_at: datetime | None
     document: IntentDocumentOut
     gateways: list[GatewayIntentStatusOut]
+    posted_by: str | None = Field(
+        description="the API token that posted it, 'NAME (token ID)'; null before tokens"
+    )
 
 
 class GapOut(BaseModel):
@@ -874,3 +917,61 @@ class FeederOut(BaseModel):
             enrolled_capacity_w=summary.enrolled_capacity_w,
             flexibility=FlexibilitySummaryOut.of(summary.flexibility),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator API tokens (headend_min.auth).
+
+
+class TokenCreateIn(_Request):
+    name: str = Field(min_length=1, max_length=64, description="who or what uses it")
+    role: Literal["viewer", "operator", "admin"]
+    site_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ID_LENGTH,
+        pattern=_ID_PATTERN,
+        description="the one site a viewer or operator token may see and command; "
+        "absent = every site (admin tokens are always fleet-wide)",
+    )
+
+
+class TokenOut(BaseModel):
+    """An API token without its secret (the headend keeps only the secret's SHA-256)."""
+
+    token_id: str
+    name: str
+    role: str
+    site_id: str | None = Field(description="null = every site")
+    created_at: datetime | None
+    created_by: str
+    revoked: bool
+    revoked_at: datetime | None
+    revoked_by: str | None
+    last_used_at: datetime | None = Field(description="to within a minute")
+
+    @classmethod
+    def of(cls, token: ApiToken) -> TokenOut:
+        return cls(
+            token_id=token.token_id,
+            name=token.name,
+            role=token.role,
+            site_id=token.site_id,
+            created_at=_time(token.created_at_ns),
+            created_by=token.created_by,
+            revoked=token.revoked_at_ns is not None,
+            revoked_at=_time(token.revoked_at_ns),
+            revoked_by=token.revoked_by,
+            last_used_at=_time(token.last_used_at_ns),
+        )
+
+
+class TokenCreatedOut(TokenOut):
+    token: str = Field(description="the token to send as `Authorization: Bearer ...`; shown once")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error: `detail` says what to fix (for a request that fails validation,
+    a list naming each offending field)."""
+
+    detail: str | list[dict[str, Any]]

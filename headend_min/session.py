@@ -8,7 +8,10 @@ and `mqtt_link` (MQTT v5 topics through a broker) only move bytes. Rules kept he
 * a new session is admitted by `Admission`, a token bucket: when a fleet reconnects at once (a
   headend restart), gateways beyond the bucket get `RetryAfter` with a delay that spreads them over
   time instead of a flood of registers and backlog resends;
-* `RegisterAck.backlog_records_per_s` paces each gateway's backlog resend.
+* `RegisterAck.backlog_records_per_s` paces each gateway's backlog resend;
+* intents go out signed for the gateway they are sent to (`intent_message`, at send time, with
+  the headend's signing key); a gateway's refusal of one (IntentAck REJECTED with a
+  `rejection`) is logged and stored with the check's name in its reason.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dergw.v1 import pb, timestamp_from_ns
+from gateway.intent_verify import rejection_name
 from headend_min.clock import Clock
 from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
 from headend_min.model import CommitResult, IntentAckInfo, RegisterOutcome, Registration, StreamRef
+from headend_min.signing import DEFAULT_INTENT_VALIDITY_S, SigningKey, sign_intent
 from headend_min.store import Store, StoreError
 
 __all__ = ["Admission", "GatewaySessions", "RegisterResult", "ack_message"]
@@ -32,6 +37,8 @@ _log = logging.getLogger(__name__)
 # An Ack lists at most this many committed ranges (there are rarely more than two: the live lane
 # and the backlog); the rest follow in later Acks and in the next RegisterAck.
 MAX_ACK_RANGES = 64
+# An intent ack's reason is stored up to this many characters (a gateway's text, shown as is).
+MAX_ACK_REASON_CHARS = 500
 
 
 def _seq_ranges(ranges: tuple[tuple[int, int], ...]) -> list[pb.SeqRange]:
@@ -109,11 +116,15 @@ class GatewaySessions:
         store: Store,
         clock: Clock,
         *,
+        signing_key: SigningKey,
+        intent_validity_s: float = DEFAULT_INTENT_VALIDITY_S,
         admission: Admission | None = None,
         backlog_records_per_s: int = 0,
     ) -> None:
         self._store = store
         self._clock = clock
+        self._signing_key = signing_key
+        self._intent_validity_s = intent_validity_s
         self.admission = admission
         self._backlog_records_per_s = backlog_records_per_s
 
@@ -174,11 +185,31 @@ class GatewaySessions:
                 f"intent_ack names site {ack.site_id!r} but gateway {gateway_id!r} registered "
                 f"site {site_id!r}"
             )
+        reason = ack.reason
+        if ack.status == pb.INTENT_ACK_STATUS_REJECTED and ack.rejection:
+            # Refused at signature verification: the reason names the check that failed
+            # (e.g. "BAD_SIGNATURE: ..."), so the API's intent progress shows it as is.
+            name = rejection_name(ack.rejection)
+            reason = f"{name}: {ack.reason}" if not ack.reason.startswith(name) else ack.reason
+            _log.warning(
+                "gateway %s refused signed intent v%d: %s", gateway_id, ack.version, reason
+            )
         await self._store.record_intent_ack(
             gateway_id,
-            IntentAckInfo(ack.site_id, ack.version, ack.status, ack.reason),
+            IntentAckInfo(ack.site_id, ack.version, ack.status, reason[:MAX_ACK_REASON_CHARS]),
             self._clock.wall_ns(),
         )
+
+    def intent_message(self, gateway_id: str, document: pb.IntentDocument) -> pb.DownMessage:
+        """`document` signed for `gateway_id` now (gateways accept only signed intents)."""
+        signed = sign_intent(
+            document,
+            gateway_id=gateway_id,
+            key=self._signing_key,
+            now_ns=self._clock.wall_ns(),
+            validity_s=self._intent_validity_s,
+        )
+        return pb.DownMessage(signed_intent=signed)
 
     async def latest_intent_after(self, site_id: str, version: int) -> pb.IntentDocument | None:
         """The site's newest document if it is newer than `version` (always the newest: versions

@@ -241,4 +241,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX samples_unsynced ON samples (gateway_id, boot_id) WHERE clock_synced = 0",
         ),
     ),
+    Migration(
+        5,
+        "operator API tokens; intents record who posted them",
+        (
+            # The secret itself is never stored: only its SHA-256 (headend_min.auth).
+            """CREATE TABLE api_tokens (
+                token_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                secret_sha256 TEXT NOT NULL,
+                role TEXT NOT NULL,
+                site_id TEXT,
+                created_at_ns INTEGER NOT NULL,
+                created_by TEXT NOT NULL,
+                revoked_at_ns INTEGER,
+                revoked_by TEXT,
+                last_used_at_ns INTEGER
+            )""",
+            "ALTER TABLE intents ADD COLUMN posted_by TEXT",
+        ),
+    ),
 )

@@ -25,6 +25,8 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from dergw.v1 import ns_from_timestamp, pb
 from headend_min.ingest import flexibility_record, sample_points
 from headend_min.model import (
+    INTENT_DELIVERY_COLUMNS,
+    ApiToken,
     CommitResult,
     DeviceInfo,
     DeviceRecord,
@@ -56,6 +58,7 @@ from headend_min.model import (
 from headend_min.seqranges import absorb
 from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.store import (
+    DuplicateTokenError,
     IntentComposer,
     SchemaTooNewError,
     StoreError,
@@ -165,13 +168,25 @@ def _device_row(gateway_id: str, device: DeviceInfo) -> tuple[object, ...]:
     )
 
 
+_INTENT_COLUMNS = "site_id, version, issued_at_ns, document, posted_by"
+_TOKEN_COLUMNS = (
+    "token_id, name, secret_sha256, role, site_id, created_at_ns, created_by, revoked_at_ns, "
+    "revoked_by, last_used_at_ns"
+)
+
+
 def _intent(row: Sequence[Any]) -> StoredIntent:
     return StoredIntent(
         site_id=row[0],
         version=row[1],
         issued_at_ns=row[2],
         document=pb.IntentDocument.FromString(row[3]),
+        posted_by=row[4],
     )
+
+
+def _token(row: Sequence[Any]) -> ApiToken:
+    return ApiToken(*row)
 
 
 class SqliteStore:
@@ -572,7 +587,7 @@ class SqliteStore:
                 )
 
     def _append_intent_sync(
-        self, site_id: str, compose: IntentComposer, now_ns: int
+        self, site_id: str, compose: IntentComposer, now_ns: int, posted_by: str | None
     ) -> StoredIntent:
         with self._transaction() as tx:
             if tx.execute("SELECT 1 FROM sites WHERE site_id = ?", (site_id,)).fetchone() is None:
@@ -600,30 +615,29 @@ class SqliteStore:
                 )
             issued_at_ns = ns_from_timestamp(document.issued_at) or now_ns
             tx.execute(
-                "INSERT INTO intents (site_id, version, issued_at_ns, document) "
-                "VALUES (?, ?, ?, ?)",
-                (site_id, next_version, issued_at_ns, document.SerializeToString()),
+                "INSERT INTO intents (site_id, version, issued_at_ns, document, posted_by) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (site_id, next_version, issued_at_ns, document.SerializeToString(), posted_by),
             )
-        return StoredIntent(site_id, next_version, issued_at_ns, document)
+        return StoredIntent(site_id, next_version, issued_at_ns, document, posted_by)
 
     def _get_intent_sync(self, site_id: str, version: int | None) -> StoredIntent | None:
         if version is None:
             row = self._conn.execute(
-                "SELECT site_id, version, issued_at_ns, document FROM intents "
+                f"SELECT {_INTENT_COLUMNS} FROM intents "
                 "WHERE site_id = ? ORDER BY version DESC LIMIT 1",
                 (site_id,),
             ).fetchone()
         else:
             row = self._conn.execute(
-                "SELECT site_id, version, issued_at_ns, document FROM intents "
-                "WHERE site_id = ? AND version = ?",
+                f"SELECT {_INTENT_COLUMNS} FROM intents WHERE site_id = ? AND version = ?",
                 (site_id, version),
             ).fetchone()
         return _intent(row) if row is not None else None
 
     def _list_intents_sync(self, site_id: str, limit: int) -> list[StoredIntent]:
         rows = self._conn.execute(
-            "SELECT site_id, version, issued_at_ns, document FROM intents "
+            f"SELECT {_INTENT_COLUMNS} FROM intents "
             "WHERE site_id = ? ORDER BY version DESC LIMIT ?",
             (site_id, limit),
         ).fetchall()
@@ -639,8 +653,7 @@ class SqliteStore:
         if not versions:
             return []
         rows = self._conn.execute(
-            "SELECT gateway_id, version, delivered_at_ns, ack_status, ack_reason, acked_at_ns "
-            "FROM intent_deliveries WHERE site_id = ? "
+            f"SELECT {INTENT_DELIVERY_COLUMNS} FROM intent_deliveries WHERE site_id = ? "
             f"AND version IN ({_placeholders(len(versions))})",
             (site_id, *versions),
         ).fetchall()
@@ -916,9 +929,14 @@ class SqliteStore:
         await self._call(self._record_ack_sync, gateway_id, ack, now_ns)
 
     async def append_intent(
-        self, site_id: str, compose: IntentComposer, now_ns: int
+        self,
+        site_id: str,
+        compose: IntentComposer,
+        now_ns: int,
+        *,
+        posted_by: str | None = None,
     ) -> StoredIntent:
-        return await self._call(self._append_intent_sync, site_id, compose, now_ns)
+        return await self._call(self._append_intent_sync, site_id, compose, now_ns, posted_by)
 
     async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
         return await self._call(self._get_intent_sync, site_id, version)
@@ -933,6 +951,22 @@ class SqliteStore:
         self, site_id: str, versions: Sequence[int]
     ) -> list[IntentDeliveryRecord]:
         return await self._call(self._intent_deliveries_sync, site_id, list(versions))
+
+    def _gateway_intent_acks_sync(
+        self, gateway_id: str, limit: int
+    ) -> list[tuple[str, IntentDeliveryRecord]]:
+        rows = self._conn.execute(
+            f"SELECT site_id, {INTENT_DELIVERY_COLUMNS} FROM intent_deliveries "
+            "WHERE gateway_id = ? AND acked_at_ns IS NOT NULL "
+            "ORDER BY acked_at_ns DESC, version DESC LIMIT ?",
+            (gateway_id, limit),
+        ).fetchall()
+        return [(row[0], IntentDeliveryRecord(*row[1:])) for row in rows]
+
+    async def gateway_intent_acks(
+        self, gateway_id: str, limit: int
+    ) -> list[tuple[str, IntentDeliveryRecord]]:
+        return await self._call(self._gateway_intent_acks_sync, gateway_id, limit)
 
     async def latest_intent_statuses(
         self, site_id: str, versions: Sequence[int]
@@ -975,3 +1009,70 @@ class SqliteStore:
 
     async def latest_flexibility(self, site_id: str | None = None) -> list[FlexibilityRecord]:
         return await self._call(self._latest_flexibility_sync, site_id)
+
+    # -- operator API tokens --------------------------------------------------------------------
+
+    def _create_token_sync(self, token: ApiToken) -> None:
+        try:
+            with self._transaction() as tx:
+                tx.execute(
+                    f"INSERT INTO api_tokens ({_TOKEN_COLUMNS}) VALUES ({_placeholders(10)})",
+                    (
+                        token.token_id,
+                        token.name,
+                        token.secret_sha256,
+                        token.role,
+                        token.site_id,
+                        token.created_at_ns,
+                        token.created_by,
+                        token.revoked_at_ns,
+                        token.revoked_by,
+                        token.last_used_at_ns,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise DuplicateTokenError(f"an API token with id {token.token_id!r} exists") from None
+
+    def _get_token_sync(self, token_id: str) -> ApiToken | None:
+        row = self._conn.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_id = ?", (token_id,)
+        ).fetchone()
+        return _token(row) if row is not None else None
+
+    def _list_tokens_sync(self) -> list[ApiToken]:
+        rows = self._conn.execute(
+            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at_ns, token_id"
+        ).fetchall()
+        return [_token(row) for row in rows]
+
+    def _revoke_token_sync(self, token_id: str, revoked_by: str, now_ns: int) -> ApiToken | None:
+        with self._transaction() as tx:
+            tx.execute(
+                "UPDATE api_tokens SET revoked_at_ns = ?, revoked_by = ? "
+                "WHERE token_id = ? AND revoked_at_ns IS NULL",
+                (now_ns, revoked_by, token_id),
+            )
+        return self._get_token_sync(token_id)
+
+    def _touch_token_sync(self, token_id: str, now_ns: int) -> None:
+        with self._transaction() as tx:
+            tx.execute(
+                "UPDATE api_tokens SET last_used_at_ns = MAX(COALESCE(last_used_at_ns, 0), ?) "
+                "WHERE token_id = ?",
+                (now_ns, token_id),
+            )
+
+    async def create_token(self, token: ApiToken) -> None:
+        await self._call(self._create_token_sync, token)
+
+    async def get_token(self, token_id: str) -> ApiToken | None:
+        return await self._call(self._get_token_sync, token_id)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        return await self._call(self._list_tokens_sync)
+
+    async def revoke_token(self, token_id: str, revoked_by: str, now_ns: int) -> ApiToken | None:
+        return await self._call(self._revoke_token_sync, token_id, revoked_by, now_ns)
+
+    async def touch_token(self, token_id: str, now_ns: int) -> None:
+        await self._call(self._touch_token_sync, token_id, now_ns)

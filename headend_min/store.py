@@ -27,6 +27,7 @@ from typing import Protocol
 
 from dergw.v1 import pb
 from headend_min.model import (
+    ApiToken,
     CommitResult,
     DeviceRecord,
     EventResponseRecord,
@@ -51,6 +52,7 @@ from headend_min.model import (
 )
 
 __all__ = [
+    "DuplicateTokenError",
     "IntentComposer",
     "SchemaTooNewError",
     "Store",
@@ -84,6 +86,10 @@ class UnknownSiteError(LookupError):
 
 class UnknownGatewayError(LookupError):
     """The gateway never registered."""
+
+
+class DuplicateTokenError(ValueError):
+    """An API token with this id is already stored."""
 
 
 class Store(Protocol):
@@ -122,9 +128,15 @@ class Store(Protocol):
     # -- desired state --------------------------------------------------------------------------
 
     async def append_intent(
-        self, site_id: str, compose: IntentComposer, now_ns: int
+        self,
+        site_id: str,
+        compose: IntentComposer,
+        now_ns: int,
+        *,
+        posted_by: str | None = None,
     ) -> StoredIntent:
-        """Allocate the next version and store `compose(basis)`; raises UnknownSiteError."""
+        """Allocate the next version and store `compose(basis)` with who posted it;
+        raises UnknownSiteError."""
         ...
 
     async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
@@ -142,6 +154,13 @@ class Store(Protocol):
     async def intent_deliveries(
         self, site_id: str, versions: Sequence[int]
     ) -> list[IntentDeliveryRecord]: ...
+
+    async def gateway_intent_acks(
+        self, gateway_id: str, limit: int
+    ) -> list[tuple[str, IntentDeliveryRecord]]:
+        """The gateway's newest intent acks as (site id, record), newest first: also for
+        versions this headend never issued (a forged intent the gateway refused)."""
+        ...
 
     async def latest_intent_statuses(
         self, site_id: str, versions: Sequence[int]
@@ -189,4 +208,24 @@ class Store(Protocol):
 
     async def latest_flexibility(self, site_id: str | None = None) -> list[FlexibilityRecord]:
         """The newest Flexibility report of each gateway (of the site, or of the fleet)."""
+        ...
+
+    # -- operator API tokens (headend_min.auth) ------------------------------------------------
+
+    async def create_token(self, token: ApiToken) -> None:
+        """Store a new token; raises DuplicateTokenError when its id exists."""
+        ...
+
+    async def get_token(self, token_id: str) -> ApiToken | None: ...
+
+    async def list_tokens(self) -> list[ApiToken]:
+        """Every token, revoked ones included, oldest first."""
+        ...
+
+    async def revoke_token(self, token_id: str, revoked_by: str, now_ns: int) -> ApiToken | None:
+        """Mark the token revoked (a second revoke keeps the first time); None if unknown."""
+        ...
+
+    async def touch_token(self, token_id: str, now_ns: int) -> None:
+        """Record that the token was used (`last_used_at_ns`)."""
         ...

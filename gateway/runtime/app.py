@@ -20,11 +20,13 @@ from pathlib import Path
 from dergw.v1 import pb
 from drivers.contract import DeviceInfo, Driver
 from drivers.registry import DRIVERS, create_driver
+from gateway.audit import AuditLog
 from gateway.bootid import kernel_boot_id
 from gateway.clock import Clock, SystemClock
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.history import History
 from gateway.intent_store import IntentSiteMismatchError, IntentStore, OfferResult
+from gateway.intent_verify import IntentRefused, TrustedKeysFile, verify_signed_intent
 from gateway.outbox import Outbox, RecordKind
 from gateway.runtime.control import ControlLoop
 from gateway.runtime.flex import FlexReporter
@@ -76,6 +78,11 @@ class Gateway:
             state_dir / "outbox.sqlite3", clock=self.clock, quota_bytes=config.outbox.quota_bytes
         )
         self.store = IntentStore(state_dir / "intent.sqlite3", clock=self.clock)
+        # The headend's intent-signing keys (re-read when the file changes, e.g. at enrollment).
+        self.intent_keys = TrustedKeysFile(config.security.intent_keys_path(state_dir))
+        # Tamper-evident record of every device write, intent verdict and override; its head
+        # goes upstream in ReportedState. `self.audit.intent(...)` records intent verdicts.
+        self.audit = AuditLog(state_dir / "audit.db", clock=self.clock)
         self.drivers: dict[str, Driver] = {
             d.id: create_driver(d.driver, d.id, d.kind, d.params, self.clock)
             for d in config.devices
@@ -110,6 +117,7 @@ class Gateway:
             # Late-bound: the uplink is built just below.
             offline_for_s=lambda: self.uplink.offline_for_s(),
             flex=self.flex,
+            audit=self.audit,
         )
         self.inventory_changed = asyncio.Event()
         self.uplink = Uplink(
@@ -124,6 +132,7 @@ class Gateway:
             on_intent=self._on_intent,
             inventory_changed=self.inventory_changed,
             clock=self.clock,
+            site_id=config.site.id,
         )
 
     # -- uplink callbacks ---------------------------------------------------------------------
@@ -161,8 +170,50 @@ class Gateway:
             boot_id=self.boot_id,
         )
 
-    async def _on_intent(self, doc: pb.IntentDocument) -> pb.IntentAck:
-        """Validate, persist (durably), then acknowledge and hand to the control loop."""
+    async def _on_intent(self, signed: pb.SignedIntent) -> pb.IntentAck:
+        """Verify the signature (gateway.intent_verify), validate, persist (durably), then
+        acknowledge and hand to the control loop. A refused intent changes nothing here."""
+        site_id = self.config.site.id
+        held = await asyncio.to_thread(self.store.current)
+        persisted = held.version if held is not None and held.site_id == site_id else 0
+        verdict = verify_signed_intent(
+            signed,
+            trusted_keys=await asyncio.to_thread(self.intent_keys.current),
+            gateway_id=self.config.gateway.id,
+            site_id=site_id,
+            persisted_version=persisted,
+            now_ns=self.clock.wall_ns(),
+            clock_trusted=self.sample_clock.synced(),
+        )
+        if isinstance(verdict, IntentRefused):
+            if verdict.rejection == pb.INTENT_REJECTION_REPLAYED and verdict.version == persisted:
+                # Authentic and the version in force: a second delivery (the broker's queued
+                # copy and the push after Register), not an attack.
+                log.info("intent v%d ignored (stale): already holding it", verdict.version)
+                return pb.IntentAck(
+                    site_id=site_id,
+                    version=verdict.version,
+                    status=pb.INTENT_ACK_STATUS_STALE,
+                    reason=f"holding v{persisted}",
+                )
+            log.warning("intent refused: %s", verdict)
+            # Unverified: the origin is the link it came on, never what the payload claims.
+            self.audit.intent(verdict.version, False, "uplink (unverified)", str(verdict))
+            await self.audit.commit()
+            return pb.IntentAck(
+                site_id=site_id,
+                version=verdict.version,
+                status=pb.INTENT_ACK_STATUS_REJECTED,
+                reason=str(verdict),
+                rejection=verdict.rejection,  # type: ignore[arg-type]
+            )
+        doc = verdict.document
+        origin = f"headend (key {verdict.key_id})"
+
+        async def refuse(reason: str) -> pb.IntentAck:
+            self.audit.intent(doc.version, False, origin, reason)
+            await self.audit.commit()
+            return ack(pb.INTENT_ACK_STATUS_REJECTED, reason)
 
         def ack(status: int, reason: str = "") -> pb.IntentAck:
             return pb.IntentAck(
@@ -172,17 +223,11 @@ class Gateway:
                 reason=reason,
             )
 
-        if doc.site_id != self.config.site.id:
-            reason = (
-                f"addressed to site {doc.site_id!r}, this gateway serves {self.config.site.id!r}"
-            )
-            log.warning("intent v%d rejected: %s", doc.version, reason)
-            return ack(pb.INTENT_ACK_STATUS_REJECTED, reason)
         try:
             intent = intent_from_pb(doc)
         except IntentError as exc:
             log.warning("intent v%d rejected: %s", doc.version, exc)
-            return ack(pb.INTENT_ACK_STATUS_REJECTED, str(exc))
+            return await refuse(str(exc))
         try:
             result = await asyncio.to_thread(
                 self.store.offer, doc.site_id, doc.version, doc.SerializeToString()
@@ -190,13 +235,20 @@ class Gateway:
         except IntentSiteMismatchError as exc:
             # The state directory still holds another site's intent (re-commissioned gateway).
             log.error("intent v%d rejected: %s", doc.version, exc)
-            return ack(pb.INTENT_ACK_STATUS_REJECTED, f"{exc}; clear the gateway state_dir")
+            return await refuse(f"{exc}; clear the gateway state_dir")
         if result is not OfferResult.PERSISTED:
             held = await asyncio.to_thread(self.store.current)
             reason = f"holding v{held.version if held else 0}"
             log.info("intent v%d ignored (stale): %s", doc.version, reason)
             return ack(pb.INTENT_ACK_STATUS_STALE, reason)
-        log.info("intent v%d persisted (%d events)", doc.version, len(intent.events))
+        log.info(
+            "intent v%d persisted (%d events, signed by %s)",
+            doc.version,
+            len(intent.events),
+            verdict.key_id,
+        )
+        self.audit.intent(doc.version, True, origin, f"{len(intent.events)} events")
+        await self.audit.commit()  # audited before the headend hears it was accepted
         await self.control.accept_intent(intent)
         return ack(pb.INTENT_ACK_STATUS_PERSISTED)
 
@@ -225,6 +277,7 @@ class Gateway:
             except IntentError as exc:  # pragma: no cover - stored documents were validated
                 log.error("stored intent v%d unreadable, ignoring it: %s", held.version, exc)
         await self.control.load(intent)
+        await asyncio.to_thread(self.intent_keys.current)  # logs a missing or invalid trust file
         tasks = [
             asyncio.create_task(_supervise("recorder", self.recorder.run), name="recorder"),
             asyncio.create_task(_supervise("control", self.control.run), name="control"),
@@ -262,6 +315,7 @@ class Gateway:
             )
             self.outbox.close()
             self.store.close()
+            await asyncio.to_thread(self.audit.close)
             self.history.close()
             log.info("gateway %s stopped", self.config.gateway.id)
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from drivers.contract import DeviceKind, Driver, WriteResult
+from gateway.audit import AuditLog
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.intent import Controls, Intent, modes_from_mask, modes_to_mask
@@ -134,8 +135,11 @@ class ControlLoop:
         clock: Clock,
         offline_for_s: Callable[[], float | None] = lambda: None,
         flex: FlexReporter | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._config = config
+        # Every device write and override goes into the tamper-evident audit log (None: off).
+        self._audit = audit
         self._gateway_id = config.gateway.id
         self._notes: tuple[str, ...] = ()  # conditions in force, for the reported state
         self._control = config.control
@@ -282,6 +286,14 @@ class ControlLoop:
         self._recorder.record(
             RecordKind.DECISION, decision_payload(self._clock.wall_ns(), summary, ())
         )
+        if self._audit is not None:
+            self._audit.override_set(
+                override.override_id,
+                origin=origin,
+                scope=scope,
+                duration_s=duration_s,
+                controls=controls.describe(),
+            )
         self._wake.set()
         return override
 
@@ -294,6 +306,10 @@ class ControlLoop:
         self._recorder.record(
             RecordKind.DECISION, decision_payload(self._clock.wall_ns(), summary, ())
         )
+        if self._audit is not None:
+            self._audit.override_cleared(
+                override_id, origin=origin, reason=f"set by {timed.override.origin}"
+            )
         self._wake.set()
         return True
 
@@ -383,6 +399,10 @@ class ControlLoop:
             summary = f"override {timed.override.override_id} by {timed.override.origin} expired"
             log.warning("%s", summary)
             self._recorder.record(RecordKind.DECISION, decision_payload(now_wall, summary, ()))
+            if self._audit is not None:
+                self._audit.override_expired(
+                    timed.override.override_id, set_by=timed.override.origin
+                )
         events_allowed, gate_notes = self._events_gate(now_wall, now_mono)
         intent = self.intent
         active = resolve(
@@ -456,6 +476,8 @@ class ControlLoop:
         if storage:
             # Control goes on; what cannot be stored is counted and reported as a gap later.
             notes = (*notes, f"outbox storage: {storage}")
+        if self._audit is not None and self._audit.storage_condition:
+            notes = (*notes, f"audit log storage: {self._audit.storage_condition}")
         notes_changed = notes != self._notes
         self._notes = notes
 
@@ -474,6 +496,20 @@ class ControlLoop:
             )
             if not result.ok:
                 log.warning("write %s failed: %s", setpoint.device_id, result.reason)
+            if self._audit is not None:
+                self._audit.device_write(
+                    setpoint,
+                    result,
+                    asked_by={
+                        mode: source.label
+                        for mode, source in active.for_device(setpoint.device_id).sources.items()
+                    },
+                    intent_version=active.intent_version,
+                )
+        if self._audit is not None and self._audit.pending:
+            # Committed before the decision and reported state that tell the headend about
+            # these writes (bounded wait: a stalled disk never holds control up).
+            await self._audit.commit()
 
         if changed:
             summary = "; ".join(_describe(sp) for sp in changed)
@@ -672,6 +708,11 @@ class ControlLoop:
                 availability=availability,
                 notes=self._notes,
                 clock_trusted=self._clock_trust.trusted(),
+                audit_head=(
+                    (head.seq, head.hash)
+                    if self._audit is not None and (head := self._audit.head()).seq
+                    else None
+                ),
             ),
         )
 

@@ -7,7 +7,8 @@ Topics (all QoS 1, prefix `<topic_prefix>/<gateway_id>/`, `topic_prefix` default
                    the broker when the connection dies, or on a clean close) is online=false.
     up/telemetry   UpMessage(telemetry=TelemetryBatch)
     up/events      UpMessage(intent_ack) (direct acknowledgements of intents)
-    down/intent    DownMessage(intent=IntentDocument); queued by the broker while we are offline
+    down/intent    DownMessage(signed_intent=SignedIntent); queued by the broker while we are
+                   offline (verified by the gateway like any intent: the broker is not trusted)
     down/ack       DownMessage(register_ack | ack | retry_after)
 
 Payloads are serialized `dergw.v1` messages, at most `MAX_MESSAGE_BYTES` (checked before decode;

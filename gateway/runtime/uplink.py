@@ -12,8 +12,10 @@ Per session (`gateway.runtime.transport` moves the messages):
        the headend's RegisterAck or the config) and only while the live lane has nothing waiting,
        so a long outage's backlog never delays live data;
      * Acks delete rows (the watermark and the acked ranges) after the headend's commit;
-     * IntentDocuments are validated and persisted before they are acknowledged (IntentAck), and
-       only then handed to the control loop (the `on_intent` callback does all of that).
+     * signed intents (SignedIntent) are verified, validated and persisted before they are
+       acknowledged (IntentAck), and only then handed to the control loop (the `on_intent`
+       callback does all of that); a bare IntentDocument is refused here, unread, as UNSIGNED.
+       Every refusal is counted per reason in `UplinkHealth.intent_rejections`.
 A broken session is retried forever with full-jitter exponential backoff (tenacity), reset after
 a session that stayed up. The gateway only dials out.
 """
@@ -35,6 +37,7 @@ from dergw.v1 import MAX_RECORDS_PER_BATCH, grpc_channel_options, pb
 from dergw.v1.dergw_pb2_grpc import GatewayLinkStub
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
+from gateway.intent_verify import rejection_name
 from gateway.outbox import AckBeyondHeadError, Outbox, OutboxRow
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.transport import TransportClosedError, UplinkTransport
@@ -92,6 +95,8 @@ class UplinkHealth:
     retry_after_count: int = 0
     next_retry_s: float = 0.0
     intents_received: int = 0
+    # Intents refused at verification, by pb.IntentRejection name (e.g. "BAD_SIGNATURE").
+    intent_rejections: dict[str, int] = field(default_factory=dict)
     # Since when the headend has been unreachable (monotonic ns); None while connected.
     down_since_mono_ns: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -231,13 +236,15 @@ class Uplink:
         outbox: Outbox,
         recorder: Recorder,
         register: Callable[[], pb.Register],
-        on_intent: Callable[[pb.IntentDocument], Awaitable[pb.IntentAck]],
+        on_intent: Callable[[pb.SignedIntent], Awaitable[pb.IntentAck]],
         inventory_changed: asyncio.Event,
         clock: Clock,
+        site_id: str,
     ) -> None:
         self._config = config
         self._transport = transport
         self._gateway_id = gateway_id
+        self._site_id = site_id
         self._outbox = outbox
         self._recorder = recorder
         self._register = register
@@ -371,10 +378,10 @@ class Uplink:
             return message.register_ack
         if body == "retry_after":
             raise RetryAfterError(message.retry_after.seconds, message.retry_after.reason)
-        if body == "intent":
+        if body in ("signed_intent", "intent"):
             # MQTT delivers intents queued in the persistent session as soon as we connect,
             # possibly before the RegisterAck: they are handled the same way.
-            await self._handle_intent(message.intent)
+            await self._handle_intent(message)
             return None
         if body == "ack":
             return None  # a late ack of the previous session; the RegisterAck supersedes it
@@ -486,9 +493,28 @@ class Uplink:
                 for waiter in waiters:
                     waiter.cancel()
 
-    async def _handle_intent(self, document: pb.IntentDocument) -> None:
+    async def _handle_intent(self, message: pb.DownMessage) -> None:
         self.health.intents_received += 1
-        intent_ack = await self._on_intent(document)
+        if message.HasField("signed_intent"):
+            intent_ack = await self._on_intent(message.signed_intent)
+        else:
+            # Not even looked at: only the headend's signature makes an intent actionable.
+            log.warning(
+                "intent refused: UNSIGNED (a bare document claiming v%d); gateways accept only "
+                "signed intents",
+                message.intent.version,
+            )
+            intent_ack = pb.IntentAck(
+                site_id=self._site_id,
+                version=message.intent.version,
+                status=pb.INTENT_ACK_STATUS_REJECTED,
+                reason="UNSIGNED: gateways accept only signed intents (SignedIntent)",
+                rejection=pb.INTENT_REJECTION_UNSIGNED,
+            )
+        if intent_ack.rejection:
+            name = rejection_name(intent_ack.rejection)
+            rejections = self.health.intent_rejections
+            rejections[name] = rejections.get(name, 0) + 1
         await self._transport.send(pb.UpMessage(intent_ack=intent_ack))
 
     async def _dispatch(self, message: pb.DownMessage, lanes: _Lanes) -> None:
@@ -503,8 +529,8 @@ class Uplink:
             lanes.settle(up_to, ranges)
             self.health.acked_seq = up_to
             self.health.last_ack_mono_ns = self._clock.mono_ns()
-        elif body == "intent":
-            await self._handle_intent(message.intent)
+        elif body in ("signed_intent", "intent"):
+            await self._handle_intent(message)
         elif body == "retry_after":
             raise RetryAfterError(message.retry_after.seconds, message.retry_after.reason)
         elif body == "register_ack":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headend_min.signing import trust_file_path
 from hil.mqtt_broker import Mosquitto, MosquittoError, find_mosquitto
 from hil.server import Endpoint, SiteSimulator
 from hil.site import SiteSpec
@@ -74,18 +75,23 @@ class ManagedProcess:
 
 
 class HeadendApi:
-    """A minimal JSON client for the headend's HTTP API (urllib, run off the event loop)."""
+    """A minimal JSON client for the headend's HTTP API (urllib, run off the event loop);
+    authenticates with `token` (the bench's admin token) when given."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token
 
     def _request(self, method: str, path: str, body: object | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"}
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(
             f"{self.base_url}/api/v1{path}",
             data=data,
             method=method,
-            headers={"content-type": "application/json"},
+            headers=headers,
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -126,9 +132,23 @@ class Bench:
         """What the headend's `--db` names: a PostgreSQL URL or the SQLite file path."""
         return self.db_url or str(self.workdir / "headend.sqlite3")
 
+    @property
+    def admin_token_file(self) -> Path:
+        """The headend's bootstrap admin API token (written by the first headend started)."""
+        return self.workdir / "headend-admin-token"
+
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    @property
+    def signing_key(self) -> Path:
+        """The headend's intent signing key; the gateway trusts its `.pub.json` trust file."""
+        return self.workdir / "headend-signing-key.pem"
+
     def headend_args(self, grpc_addr: str, http_addr: str) -> list[str]:
         args = ["headend", "run", "--grpc", grpc_addr, "--http", http_addr]
-        args += ["--db", self.headend_db]
+        args += ["--db", self.headend_db, "--admin-token-file", str(self.admin_token_file)]
+        args += ["--signing-key", str(self.signing_key)]
         if self.broker is not None:
             args += ["--mqtt", self.broker.address]
         return args
@@ -162,7 +182,7 @@ class Bench:
             append=True,
         )
         _, http_addr = await _wait_headend_ready(process)
-        return process, HeadendApi(f"http://{http_addr}")
+        return process, HeadendApi(f"http://{http_addr}", self.admin_token())
 
     async def stop_headend(self) -> None:
         """Stop the headend (an outage); `restart_headend()` brings it back on the same ports."""
@@ -313,6 +333,9 @@ def gateway_config_text(
         "[gateway]",
         f'id = "{bench.gateway_id}"',
         f'state_dir = "{bench.workdir / "gateway-state"}"',
+        "",
+        "[security]",
+        f'intent_keys_file = "{trust_file_path(bench.signing_key)}"',
         "",
         "[site]",
         f'id = "{bench.site_id}"',
@@ -508,7 +531,7 @@ async def open_bench(
             grpc_addr, http_addr = await _wait_headend_ready(headend)
             bench.headend = headend
             bench.grpc_target = grpc_addr
-            bench.api = HeadendApi(f"http://{http_addr}")
+            bench.api = HeadendApi(f"http://{http_addr}", bench.admin_token())
         bench.gateway_config = workdir / "gateway.toml"
         bench.gateway_config.write_text(gateway_config_text(bench, **config_options))
         yield bench

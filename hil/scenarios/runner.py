@@ -28,6 +28,7 @@ from hil.scenarios.chaos import (
 from hil.scenarios.durability import run_offline_intent, run_quota_overflow, run_two_headends
 from hil.scenarios.export_limit import ExportLimitParams, run_export_limit
 from hil.scenarios.export_step import run_export_step
+from hil.scenarios.forged_intent import run_forged_intent
 from hil.scenarios.frozen_gateway import run_frozen_gateway
 from hil.scenarios.harness import (
     DEFAULT_POSTGRES_URL,
@@ -181,6 +182,14 @@ SCENARIOS: dict[str, Scenario] = {
         run_two_headends,
         needs_postgres=True,
     ),
+    "forged-intent": Scenario(
+        "forged-intent",
+        "forged, tampered, replayed, expired, misaddressed and unsigned intents published on "
+        "the broker change nothing at the site and show as rejected at the headend",
+        "demo.toml",
+        run_forged_intent,
+        transports=("mqtt",),
+    ),
 }
 
 
@@ -236,7 +245,10 @@ async def _run(
             result.render(out)
             print(
                 f"\nstill running: post intents to {bench.api.base_url}/api/v1/sites/"
-                f"{bench.site_id}/intents (see README); Ctrl-C to stop",
+                f"{bench.site_id}/intents (see README); Ctrl-C to stop. The API needs a "
+                f"token; the bench's admin token is in {bench.admin_token_file}:\n"
+                f'  curl -H "Authorization: Bearer $(cat {bench.admin_token_file})" '
+                f"{bench.api.base_url}/api/v1/sites/{bench.site_id}",
                 file=out,
                 flush=True,
             )

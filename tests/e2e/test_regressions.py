@@ -18,6 +18,7 @@ import pytest
 
 from dergw.v1 import pb, timestamp_from_ns
 from dergw.v1.dergw_pb2_grpc import GatewayLinkServicer, add_GatewayLinkServicer_to_server
+from headend_min.signing import SigningKey, load_or_create_signing_key, sign_intent
 from hil.scenarios.harness import Bench
 from hil.server import Fault
 from tests.e2e.conftest import BenchFactory, responses_for, started, wait_api, wait_point
@@ -249,6 +250,8 @@ class _RogueHeadend(GatewayLinkServicer):
         self.records: list[pb.Record] = []
         self.intent_acks: list[pb.IntentAck] = []
         self.sent = False
+        # It signs with the key the bench's gateway trusts (a headend bug, not a forgery).
+        self.key: SigningKey | None = None
 
     async def Connect(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.UpMessage], context: object
@@ -270,14 +273,17 @@ class _RogueHeadend(GatewayLinkServicer):
                     device_id="pv99",
                 )
                 event.controls.max_gen_pct = 0.0
-                yield pb.DownMessage(
-                    intent=pb.IntentDocument(
-                        site_id=message.register.site.site_id,
-                        version=1,
-                        issued_at=timestamp_from_ns(now_ns),
-                        events=[event],
-                    )
+                document = pb.IntentDocument(
+                    site_id=message.register.site.site_id,
+                    version=1,
+                    issued_at=timestamp_from_ns(now_ns),
+                    events=[event],
                 )
+                assert self.key is not None
+                signed = sign_intent(
+                    document, gateway_id=message.register.gateway_id, key=self.key, now_ns=now_ns
+                )
+                yield pb.DownMessage(signed_intent=signed)
             elif kind == "telemetry":
                 self.records.extend(message.telemetry.records)
                 yield pb.DownMessage(ack=pb.Ack(up_to_seq=message.telemetry.last_seq))
@@ -296,6 +302,7 @@ async def test_c_event_for_unknown_device_is_rejected_by_the_gateway_not_fanned_
     await server.start()
     try:
         async with bench_factory("demo.toml", foreign_headend=f"127.0.0.1:{port}") as bench:
+            rogue.key = load_or_create_signing_key(bench.signing_key)
             await bench.start_gateway()
             deadline = time.monotonic() + 30  # start-up included: generous on a loaded machine
             rejections: list[pb.EventResponse] = []

@@ -423,7 +423,7 @@ def test_misspelt_table_is_unknown_and_the_real_one_missing(tmp_path: Path) -> N
     assert _problems(tmp_path, BASE.replace("[site]", "[sites]")) == [
         "site: required key is missing",
         "sites: unknown key; did you mean 'site'? allowed here: gateway, site, uplink, control, "
-        "outbox, devices",
+        "outbox, security, devices",
     ]
 
 
@@ -660,3 +660,14 @@ def test_soc_window_must_be_a_window(tmp_path: Path) -> None:
     assert _problems(tmp_path, _set("control", "soc_min_pct = 90\nsoc_max_pct = 80")) == [
         "control.soc_min_pct: must be below soc_max_pct = 80 %",
     ]
+
+
+def test_security_intent_keys_file_defaults_to_the_state_dir(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, BASE))
+    state_dir = config.gateway.state_dir
+    assert config.security.intent_keys_path(state_dir) == tmp_path / "state" / "intent-keys.json"
+    relative = load_config(_write(tmp_path, BASE + '\n[security]\nintent_keys_file = "k.json"\n'))
+    assert relative.security.intent_keys_path(state_dir) == tmp_path / "k.json"
+    assert _problems(tmp_path, BASE + "\n[security]\nintent_key_file = 'k.json'\n")[0].startswith(
+        "security.intent_key_file: unknown key; did you mean 'intent_keys_file'?"
+    )

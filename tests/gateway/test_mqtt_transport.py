@@ -12,6 +12,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from gateway.config import (
 )
 from gateway.runtime.mqtt_transport import MqttTransport, up_topic_for
 from gateway.runtime.transport import TransportClosedError
+from headend_min.signing import SigningKey, sign_intent
 from tests.mqtt_support import Mosquitto, mosquitto_binary, mosquitto_broker
 from tests.support import async_wait_until, free_tcp_port, wait_until
 
@@ -342,7 +344,13 @@ async def test_intent_published_while_offline_arrives_once(
     assert not transport.stats.session_present
     await transport.close()
 
-    intent = pb.DownMessage(intent=pb.IntentDocument(site_id="site-a", version=2))
+    signed = sign_intent(
+        pb.IntentDocument(site_id="site-a", version=2),
+        gateway_id=GATEWAY,
+        key=SigningKey.generate(),
+        now_ns=time.time_ns(),
+    )
+    intent = pb.DownMessage(signed_intent=signed)
     headend.publish(GATEWAY, "down/intent", intent)
     # The broker keeps the queued message across a restart (persistence).
     mosquitto_broker.restart()
@@ -356,7 +364,7 @@ async def test_intent_published_while_offline_arrives_once(
         # The answer to this connection's Register first, then what waited in the session.
         assert (await _receive(transport)).HasField("register_ack")
         received = await _receive(transport)
-        assert received.intent.version == 2
+        assert received.signed_intent == signed
         await _nothing_more(transport)
         await transport.close()
 

@@ -38,6 +38,7 @@ class ScriptedTransport:
     def __init__(self, first_answers: list[pb.DownMessage] | None = None) -> None:
         self.first_answers = list(first_answers or [])
         self.batches: list[pb.TelemetryBatch] = []
+        self.intent_acks: list[pb.IntentAck] = []
         self.down: asyncio.Queue[pb.DownMessage] = asyncio.Queue()
         self.connects: list[float] = []
         self._open = False
@@ -58,6 +59,8 @@ class ScriptedTransport:
             self.down.put_nowait(answer)
         elif message.HasField("telemetry"):
             self.batches.append(message.telemetry)
+        elif message.HasField("intent_ack"):
+            self.intent_acks.append(message.intent_ack)
 
     async def receive(self) -> pb.DownMessage:
         if not self._open:
@@ -69,14 +72,20 @@ class ScriptedTransport:
 
 
 def _uplink(
-    outbox: Outbox, recorder: Recorder, transport: ScriptedTransport, **config: object
+    outbox: Outbox,
+    recorder: Recorder,
+    transport: ScriptedTransport,
+    received: list[pb.SignedIntent] | None = None,
+    **config: object,
 ) -> Uplink:
     uplink_config = GrpcUplinkConfig.model_validate(
         {"transport": "grpc", "target": "127.0.0.1:1", "reconnect_max_s": 0.2, **config}
     )
 
-    async def on_intent(document: pb.IntentDocument) -> pb.IntentAck:
-        return pb.IntentAck(site_id=document.site_id, version=document.version)
+    async def on_intent(signed: pb.SignedIntent) -> pb.IntentAck:
+        if received is not None:
+            received.append(signed)
+        return pb.IntentAck(site_id="site", version=1, status=pb.INTENT_ACK_STATUS_PERSISTED)
 
     return Uplink(
         uplink_config,
@@ -88,6 +97,7 @@ def _uplink(
         on_intent=on_intent,
         inventory_changed=asyncio.Event(),
         clock=SystemClock(),
+        site_id="site",
     )
 
 
@@ -145,5 +155,34 @@ async def test_retry_after_is_honoured(tmp_path: Path) -> None:
             assert len(transport.connects) == 2
             # At least the headend's delay (its own jitter adds up to half of it).
             assert transport.connects[1] - transport.connects[0] >= 1.0
+        finally:
+            task.cancel()
+
+
+async def test_signed_intents_go_to_on_intent_and_bare_ones_are_refused_unread(
+    tmp_path: Path,
+) -> None:
+    with Outbox(tmp_path / "outbox.sqlite3", clock=SystemClock()) as outbox:
+        recorder = Recorder(outbox, commit_interval_s=0.05)
+        transport = ScriptedTransport()
+        received: list[pb.SignedIntent] = []
+        uplink = _uplink(outbox, recorder, transport, received)
+        task = asyncio.create_task(uplink.run())
+        try:
+            signed = pb.SignedIntent(payload=b"payload", key_id="k", signature=b"s")
+            transport.down.put_nowait(pb.DownMessage(signed_intent=signed))
+            await _until(lambda: len(transport.intent_acks) == 1)
+            assert received == [signed]
+            bare = pb.IntentDocument(site_id="elsewhere", version=7)
+            transport.down.put_nowait(pb.DownMessage(intent=bare))
+            await _until(lambda: len(transport.intent_acks) == 2)
+            assert received == [signed]  # never handed on
+            refused = transport.intent_acks[1]
+            assert refused.status == pb.INTENT_ACK_STATUS_REJECTED
+            assert refused.rejection == pb.INTENT_REJECTION_UNSIGNED
+            # Acked as this gateway's site whatever the bare document claims.
+            assert (refused.site_id, refused.version) == ("site", 7)
+            assert uplink.health.intents_received == 2
+            assert uplink.health.intent_rejections == {"UNSIGNED": 1}
         finally:
             task.cancel()

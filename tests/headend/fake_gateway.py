@@ -187,7 +187,9 @@ class FakeGateway:
         self.next_seq = 1
         self.register_ack: pb.RegisterAck | None = None
         self.acks: asyncio.Queue[int] = asyncio.Queue()
+        # Documents of the signed intents received (decoded, not verified), and the envelopes.
         self.intents: asyncio.Queue[pb.IntentDocument] = asyncio.Queue()
+        self.signed_intents: list[pb.SignedIntent] = []
         self._keepalive_s = keepalive_s
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage] | None = None
@@ -355,8 +357,13 @@ class FakeGateway:
                 kind = message.WhichOneof("body")
                 if kind == "ack":
                     self.acks.put_nowait(message.ack.up_to_seq)
+                elif kind == "signed_intent":
+                    self.signed_intents.append(message.signed_intent)
+                    payload = pb.IntentPayload.FromString(message.signed_intent.payload)
+                    assert payload.gateway_id == self.gateway_id, payload.gateway_id
+                    self.intents.put_nowait(payload.document)
                 elif kind == "intent":
-                    self.intents.put_nowait(message.intent)
+                    raise AssertionError("the headend sent an unsigned intent")
             self._mark_closed(await call.code(), await call.details())
         except grpc.aio.AioRpcError as exc:
             self._mark_closed(exc.code(), exc.details() or "")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
 from dergw.v1 import pb
 from headend_min.app import Headend
+from headend_min.auth import Role, create_token
 from headend_min.clock import ManualClock
 from headend_min.config import DatabaseLocation, Endpoint, HeadendConfig
 from headend_min.store import Store
@@ -66,8 +68,10 @@ class HeadendRunner:
     """Starts in-process headends on one database (a SQLite file or a PostgresUrl); restart =
     stop + start on the same database."""
 
-    def __init__(self, db_path: DatabaseLocation) -> None:
+    def __init__(self, db_path: DatabaseLocation, *, signing_key: Path | None = None) -> None:
         self.db_path = db_path
+        # The intent signing key (None: next to a SQLite database; PostgreSQL needs one).
+        self.signing_key = signing_key
         self.clock = ManualClock(time.time_ns())
         self.running: RunningHeadend | None = None
 
@@ -79,12 +83,32 @@ class HeadendRunner:
             http=Endpoint("127.0.0.1", free_tcp_port()),
             db_path=self.db_path,
             keepalive_s=keepalive_s,
+            signing_key=self.signing_key,
         )
         headend = Headend(config, store=store, clock=self.clock)
         await headend.start()
-        http = httpx.AsyncClient(base_url=f"http://{headend.http_endpoint}/api/v1", timeout=5.0)
+        # The API refuses anonymous calls: the test client is an admin (tests of roles and
+        # scopes make their own tokens, see tests/headend/test_auth.py).
+        token = await self.admin_token(headend)
+        http = httpx.AsyncClient(
+            base_url=f"http://{headend.http_endpoint}/api/v1",
+            timeout=5.0,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         self.running = RunningHeadend(headend, http, self.clock, self.db_path)
         return self.running
+
+    async def admin_token(self, headend: Headend) -> str:
+        """An admin API token on the headend's database (one per start)."""
+        text, _ = await create_token(
+            headend.store,
+            name="test-admin",
+            role=Role.ADMIN,
+            site_id=None,
+            created_by="tests.headend.harness",
+            now_ns=self.clock.wall_ns(),
+        )
+        return str(text)
 
     async def stop(self) -> None:
         if self.running is None:

@@ -33,6 +33,7 @@ from headend_min.config import ConfigError, Endpoint, HeadendConfig
 from headend_min.model import IntentBasis
 from headend_min.mqtt_link import MqttLink
 from headend_min.session import Admission, GatewaySessions
+from headend_min.signing import SigningKey
 from headend_min.sqlite_store import SqliteStore
 from headend_min.store import Store
 from tests.headend.fake_gateway import device, sample_record, site
@@ -52,7 +53,16 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 
 def _sessions(store: Store, **kwargs: object) -> GatewaySessions:
-    return GatewaySessions(store, SystemClock(), **kwargs)  # type: ignore[arg-type]
+    return GatewaySessions(store, SystemClock(), signing_key=SIGNING_KEY, **kwargs)  # type: ignore[arg-type]
+
+
+SIGNING_KEY = SigningKey.generate()
+
+
+def _document(message: pb.DownMessage) -> pb.IntentDocument:
+    """The document of the signed intent the link published (intents always go out signed)."""
+    assert message.HasField("signed_intent"), message
+    return pb.IntentPayload.FromString(message.signed_intent.payload).document
 
 
 @pytest.fixture
@@ -208,7 +218,7 @@ async def test_round_trip_into_the_store(
         version = await _post_intent(store)
         assert await link.publish_intent(SITE, version) == 1
         intent = await gateway.receive()
-        assert intent.intent.version == version
+        assert _document(intent).version == version
         ack_message = pb.IntentAck(
             site_id=SITE, version=version, status=pb.INTENT_ACK_STATUS_PERSISTED
         )
@@ -243,7 +253,7 @@ async def test_register_gets_the_newer_intent(
     try:
         await gateway.connect()
         pushed = await gateway.receive()
-        assert pushed.intent.version == version
+        assert _document(pushed).version == version
 
         async def delivered() -> bool:
             deliveries = await store.intent_deliveries(SITE, [version])
@@ -270,9 +280,9 @@ async def test_intent_for_an_offline_gateway_waits_in_its_session(
         # Queued in the session, and pushed again after the Register (which still said v0):
         # at least once, never an older version.
         received = await gateway.receive()
-        assert received.intent.version == version
+        assert _document(received).version == version
         extra = await _drain(gateway)
-        assert all(message.intent.version == version for message in extra), extra
+        assert all(_document(message).version == version for message in extra), extra
     finally:
         await gateway.close()
 
@@ -472,6 +482,7 @@ async def test_headend_serves_mqtt_and_publishes_posted_intents(
         http=Endpoint("127.0.0.1", free_tcp_port()),
         db_path=tmp_path / "headend.sqlite3",
         mqtt=Endpoint(mosquitto_broker.host, mosquitto_broker.port),
+        admin_token_file=tmp_path / "admin-token",
     )
     gateway = Gateway(mosquitto_broker)
     async with Headend(config) as headend:
@@ -479,15 +490,18 @@ async def test_headend_serves_mqtt_and_publishes_posted_intents(
         assert headend.mqtt_link.connected
         try:
             assert (await gateway.connect()).HasField("register_ack")
-            async with httpx.AsyncClient(base_url=f"http://{headend.http_endpoint}") as http:
+            async with httpx.AsyncClient(
+                base_url=f"http://{headend.http_endpoint}",
+                headers={"Authorization": f"Bearer {headend.admin_token}"},
+            ) as http:
                 response = await http.post(
                     f"/api/v1/sites/{SITE}/intents",
                     json={"events": [{"duration_s": 300, "controls": {"export_limit_w": 2000}}]},
                 )
                 assert response.status_code == 201, response.text
             pushed = await gateway.receive()
-            assert pushed.intent.version == response.json()["version"]
-            assert pushed.intent.site_id == SITE
+            assert _document(pushed).version == response.json()["version"]
+            assert _document(pushed).site_id == SITE
         finally:
             await gateway.close()
     assert headend.mqtt_link is None  # stopped with the headend

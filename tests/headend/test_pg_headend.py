@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from headend_min.config import PostgresUrl
 from headend_min.pg_notify import PgNotifier
 from headend_min.pg_store import PgStore
-from tests.headend import test_api, test_flexibility, test_link
+from tests.headend import test_api, test_auth, test_flexibility, test_link
 from tests.headend.harness import HeadendRunner, RunningHeadend
 from tests.headend.pg_support import PgDatabase, pg_db
 
@@ -28,6 +29,8 @@ _SQLITE_ONLY = {
     # Races the delivery record (written after the intent is sent) against an HTTP read; a
     # PostgreSQL commit is slow enough under load to lose that race now and then.
     "test_intent_status_per_gateway",
+    # Reads the SQLite file's bytes for the token secret.
+    "test_the_secret_is_never_stored",
 }
 
 
@@ -45,11 +48,12 @@ def _borrow(module: Any, prefix: str) -> dict[str, Callable[..., Any]]:
 globals().update(_borrow(test_api, "api"))
 globals().update(_borrow(test_link, "link"))
 globals().update(_borrow(test_flexibility, "flexibility"))
+globals().update(_borrow(test_auth, "auth"))
 
 
 @pytest.fixture
-async def runner(pg_db: PgDatabase) -> AsyncIterator[HeadendRunner]:
-    headend_runner = HeadendRunner(PostgresUrl(pg_db.url))
+async def runner(pg_db: PgDatabase, tmp_path: Path) -> AsyncIterator[HeadendRunner]:
+    headend_runner = HeadendRunner(PostgresUrl(pg_db.url), signing_key=tmp_path / "signing.pem")
     yield headend_runner
     await headend_runner.stop()
 

@@ -50,12 +50,17 @@ class HeadendProcess:
     grpc_target: str
     http_base: str
     log: Path
+    admin_token: str = ""
 
 
 @contextlib.contextmanager
 def headend_process(db_url: str, log: Path) -> Iterator[HeadendProcess]:
     """`dergw headend run` on free ports; SIGTERM (then kill) on exit."""
     arguments = ["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0", "--db", db_url]
+    token_file = log.with_suffix(".admin-token")
+    arguments += ["--admin-token-file", str(token_file)]
+    # Every instance on one database signs with the same key (the headend requires it there).
+    arguments += ["--signing-key", str(log.parent / "intent-signing-key.pem")]
     with log.open("w") as log_file:
         process = subprocess.Popen(
             [*_dergw_command(), "headend", "run", "--log-level", "INFO", *arguments],
@@ -77,6 +82,7 @@ def headend_process(db_url: str, log: Path) -> Iterator[HeadendProcess]:
                 f"127.0.0.1:{match.group(2)}",
                 f"http://127.0.0.1:{match.group(4)}/api/v1",
                 log,
+                token_file.read_text().strip(),
             )
         finally:
             if process.poll() is None:
@@ -122,7 +128,11 @@ async def test_an_intent_posted_to_b_reaches_a_gateway_on_a(
     ):
         async with (
             gateway_on(a.grpc_target) as gateway,
-            httpx.AsyncClient(base_url=b.http_base, timeout=10.0) as api_b,
+            httpx.AsyncClient(
+                base_url=b.http_base,
+                timeout=10.0,
+                headers={"Authorization": f"Bearer {b.admin_token}"},
+            ) as api_b,
         ):
             await gateway.connect()
             latencies: list[float] = []

@@ -168,6 +168,46 @@ CONTROL_SOURCE_OVERRIDE: ControlSource.ValueType  # 4
 """a time-boxed local override (site technician)"""
 Global___ControlSource: _TypeAlias = ControlSource  # noqa: Y015
 
+class _IntentRejection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IntentRejectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntentRejection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INTENT_REJECTION_UNSPECIFIED: _IntentRejection.ValueType  # 0
+    """not refused at verification (see status and reason)"""
+    INTENT_REJECTION_UNSIGNED: _IntentRejection.ValueType  # 1
+    """a bare IntentDocument: gateways accept only SignedIntent"""
+    INTENT_REJECTION_UNKNOWN_KEY: _IntentRejection.ValueType  # 2
+    """key_id is not a trusted key"""
+    INTENT_REJECTION_BAD_SIGNATURE: _IntentRejection.ValueType  # 3
+    INTENT_REJECTION_MISADDRESSED: _IntentRejection.ValueType  # 4
+    """gateway_id or site_id is not this gateway's"""
+    INTENT_REJECTION_REPLAYED: _IntentRejection.ValueType  # 5
+    """version not newer than the one persisted"""
+    INTENT_REJECTION_EXPIRED: _IntentRejection.ValueType  # 6
+    INTENT_REJECTION_MALFORMED: _IntentRejection.ValueType  # 7
+    """payload does not decode, or version disagrees"""
+
+class IntentRejection(_IntentRejection, metaclass=_IntentRejectionEnumTypeWrapper):
+    """Why a gateway refused an intent document at verification (counted per reason at the gateway)."""
+
+INTENT_REJECTION_UNSPECIFIED: IntentRejection.ValueType  # 0
+"""not refused at verification (see status and reason)"""
+INTENT_REJECTION_UNSIGNED: IntentRejection.ValueType  # 1
+"""a bare IntentDocument: gateways accept only SignedIntent"""
+INTENT_REJECTION_UNKNOWN_KEY: IntentRejection.ValueType  # 2
+"""key_id is not a trusted key"""
+INTENT_REJECTION_BAD_SIGNATURE: IntentRejection.ValueType  # 3
+INTENT_REJECTION_MISADDRESSED: IntentRejection.ValueType  # 4
+"""gateway_id or site_id is not this gateway's"""
+INTENT_REJECTION_REPLAYED: IntentRejection.ValueType  # 5
+"""version not newer than the one persisted"""
+INTENT_REJECTION_EXPIRED: IntentRejection.ValueType  # 6
+INTENT_REJECTION_MALFORMED: IntentRejection.ValueType  # 7
+"""payload does not decode, or version disagrees"""
+Global___IntentRejection: _TypeAlias = IntentRejection  # noqa: Y015
+
 class _IntentAckStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -284,6 +324,7 @@ class DownMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     INTENT_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    SIGNED_INTENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register_ack(self) -> Global___RegisterAck: ...
     @_builtins.property
@@ -292,6 +333,10 @@ class DownMessage(_message.Message):
     def intent(self) -> Global___IntentDocument: ...
     @_builtins.property
     def retry_after(self) -> Global___RetryAfter: ...
+    @_builtins.property
+    def signed_intent(self) -> Global___SignedIntent:
+        """The intent document signed by the headend; gateways accept intents only in this form."""
+
     def __init__(
         self,
         *,
@@ -299,16 +344,93 @@ class DownMessage(_message.Message):
         ack: Global___Ack | None = ...,
         intent: Global___IntentDocument | None = ...,
         retry_after: Global___RetryAfter | None = ...,
+        signed_intent: Global___SignedIntent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after", "signed_intent", b"signed_intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "intent", b"intent", "register_ack", b"register_ack", "retry_after", b"retry_after", "signed_intent", b"signed_intent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register_ack", "ack", "intent", "retry_after"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register_ack", "ack", "intent", "retry_after", "signed_intent"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___DownMessage: _TypeAlias = DownMessage  # noqa: Y015
+
+@_typing.final
+class SignedIntent(_message.Message):
+    """An intent document signed by the headend (Ed25519, RFC 8032). The signature covers exactly the
+    bytes of `payload` (a serialized IntentPayload), so no canonical form is needed. The gateway
+    verifies, in this order, before it decodes the document into its cache: `key_id` is one of its
+    trusted keys; `signature` verifies over `payload` with that key; the payload is addressed to
+    this gateway (gateway_id and site_id); its version is newer than the one persisted; it has not
+    expired (skipped while the gateway's clock is not trusted; the version check still holds).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    key_id: _builtins.str
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "payload", b"payload", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedIntent: _TypeAlias = SignedIntent  # noqa: Y015
+
+@_typing.final
+class IntentPayload(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    site_id: _builtins.str
+    version: _builtins.int
+    """equals document.version"""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Accept-by time: a signed document delivered after it is refused (defeats freezing or
+        replaying old deliveries). Execution is not bound by it: an accepted intent keeps running
+        offline for as long as its events say.
+        """
+
+    @_builtins.property
+    def document(self) -> Global___IntentDocument: ...
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+        site_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        document: Global___IntentDocument | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "expires_at", b"expires_at", "issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "expires_at", b"expires_at", "gateway_id", b"gateway_id", "issued_at", b"issued_at", "site_id", b"site_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IntentPayload: _TypeAlias = IntentPayload  # noqa: Y015
 
 @_typing.final
 class RetryAfter(_message.Message):
@@ -952,6 +1074,7 @@ class ReportedState(_message.Message):
     ACTIVE_MODES_FIELD_NUMBER: _builtins.int
     CLOCK_TRUSTED_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    AUDIT_HEAD_FIELD_NUMBER: _builtins.int
     intent_version: _builtins.int
     active_event_id: _builtins.str
     """the site's event in force, else the first device event"""
@@ -976,6 +1099,10 @@ class ReportedState(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """conditions in force, e.g. "PCC meter stale: open loop" """
 
+    @_builtins.property
+    def audit_head(self) -> Global___AuditHead:
+        """the gateway's audit chain head, anchored upstream"""
+
     def __init__(
         self,
         *,
@@ -989,14 +1116,43 @@ class ReportedState(_message.Message):
         active_modes: _abc.Iterable[Global___ActiveMode] | None = ...,
         clock_trusted: _builtins.bool = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        audit_head: Global___AuditHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit_head", b"audit_head", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_event_id", b"active_event_id", "active_event_ids", b"active_event_ids", "active_modes", b"active_modes", "clock_trusted", b"clock_trusted", "devices", b"devices", "intent_version", b"intent_version", "notes", b"notes", "setpoints", b"setpoints", "source", b"source", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_event_id", b"active_event_id", "active_event_ids", b"active_event_ids", "active_modes", b"active_modes", "audit_head", b"audit_head", "clock_trusted", b"clock_trusted", "devices", b"devices", "intent_version", b"intent_version", "notes", b"notes", "setpoints", b"setpoints", "source", b"source", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportedState: _TypeAlias = ReportedState  # noqa: Y015
+
+@_typing.final
+class AuditHead(_message.Message):
+    """Head of the gateway's tamper-evident audit log (a SHA-256 hash chain): the headend keeps the
+    heads it received, so a log later edited or cut short no longer reaches an anchored head.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """seq of the newest audit record (0 = empty log)"""
+    hash: _builtins.bytes
+    """SHA-256 of that record (32 bytes)"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditHead: _TypeAlias = AuditHead  # noqa: Y015
 
 @_typing.final
 class ActiveMode(_message.Message):
@@ -1233,10 +1389,13 @@ class IntentAck(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REJECTION_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     version: _builtins.int
     status: Global___IntentAckStatus.ValueType
     reason: _builtins.str
+    rejection: Global___IntentRejection.ValueType
+    """Why a signed intent was refused before its content was looked at (status REJECTED)."""
     def __init__(
         self,
         *,
@@ -1244,10 +1403,11 @@ class IntentAck(_message.Message):
         version: _builtins.int = ...,
         status: Global___IntentAckStatus.ValueType = ...,
         reason: _builtins.str = ...,
+        rejection: Global___IntentRejection.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "site_id", b"site_id", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rejection", b"rejection", "site_id", b"site_id", "status", b"status", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
