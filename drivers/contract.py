@@ -41,6 +41,7 @@ __all__ = [
     "Driver",
     "DriverError",
     "DriverHealth",
+    "HealthTracker",
     "LinkState",
     "Nameplate",
     "PointSchema",
@@ -185,6 +186,39 @@ class DriverHealth:
     consecutive_failures: int = 0
     total_failures: int = 0
     last_error: str | None = None
+
+
+@dataclass(slots=True)
+class HealthTracker:
+    """A driver's link state and failure counters, kept the same way by every driver;
+    `snapshot()` is what `Driver.health()` returns."""
+
+    state: LinkState = LinkState.DISCONNECTED
+    last_ok_mono_ns: int | None = None
+    consecutive_failures: int = 0
+    total_failures: int = 0
+    last_error: str | None = None
+
+    def ok(self, mono_ns: int) -> None:
+        """The device answered (a read, a verified write, a connect)."""
+        self.state = LinkState.CONNECTED
+        self.consecutive_failures = 0
+        self.last_ok_mono_ns = mono_ns
+
+    def failed(self, error: str) -> None:
+        self.state = LinkState.FAILED
+        self.consecutive_failures += 1
+        self.total_failures += 1
+        self.last_error = error
+
+    def snapshot(self) -> DriverHealth:
+        return DriverHealth(
+            state=self.state,
+            last_ok_mono_ns=self.last_ok_mono_ns,
+            consecutive_failures=self.consecutive_failures,
+            total_failures=self.total_failures,
+            last_error=self.last_error,
+        )
 
 
 def check_setpoint(setpoint: object, device_id: str) -> None:

@@ -43,6 +43,7 @@ from drivers.contract import (
     DeviceKind,
     DriverError,
     DriverHealth,
+    HealthTracker,
     LinkState,
     Nameplate,
     PointSchema,
@@ -148,11 +149,7 @@ class Dnp3Driver:
         )
         self._info: DeviceInfo | None = None
         self._max_w = params.max_w
-        self._state = LinkState.DISCONNECTED
-        self._last_ok: int | None = None
-        self._consecutive = 0
-        self._total = 0
-        self._last_error: str | None = None
+        self._health = HealthTracker()
         self.restarts = 0  # children started after the first
         self.children_started = 0
         self.malformed = 0  # answers or responses that could not be decoded
@@ -296,18 +293,12 @@ class Dnp3Driver:
         return self._result(True, readback, "; ".join(notes) or None)
 
     def health(self) -> DriverHealth:
-        return DriverHealth(
-            state=self._state,
-            last_ok_mono_ns=self._last_ok,
-            consecutive_failures=self._consecutive,
-            total_failures=self._total,
-            last_error=self._last_error,
-        )
+        return self._health.snapshot()
 
     async def close(self) -> None:
         async with self._lock:
             await self._stop_child()
-            self._state = LinkState.DISCONNECTED
+            self._health.state = LinkState.DISCONNECTED
 
     # --- child process ------------------------------------------------------------------------
 
@@ -480,16 +471,11 @@ class Dnp3Driver:
         )
 
     def _ok(self) -> None:
-        self._state = LinkState.CONNECTED
-        self._last_ok = self._clock.mono_ns()
-        self._consecutive = 0
+        self._health.ok(self._clock.mono_ns())
         self._backoff = self._params.restart_backoff_s
 
     def _fail(self, error: str) -> None:
-        self._state = LinkState.FAILED
-        self._consecutive += 1
-        self._total += 1
-        self._last_error = error
+        self._health.failed(error)
 
     def _result(
         self, ok: bool, readback: dict[str, float] | None = None, reason: str | None = None

@@ -34,6 +34,7 @@ from drivers.contract import (
     DeviceKind,
     DriverError,
     DriverHealth,
+    HealthTracker,
     LinkState,
     Nameplate,
     PointSchema,
@@ -163,11 +164,7 @@ class ModbusProfileDriver:
             ]
             self._plans[table] = (plan, planned)
         self._connected = False
-        self._state = LinkState.DISCONNECTED
-        self._last_ok_mono_ns: int | None = None
-        self._consecutive_failures = 0
-        self._total_failures = 0
-        self._last_error: str | None = None
+        self._health = HealthTracker()
 
     @property
     def device_id(self) -> str:
@@ -261,18 +258,12 @@ class ModbusProfileDriver:
             return await self._write_locked(setpoint)
 
     def health(self) -> DriverHealth:
-        return DriverHealth(
-            state=self._state,
-            last_ok_mono_ns=self._last_ok_mono_ns,
-            consecutive_failures=self._consecutive_failures,
-            total_failures=self._total_failures,
-            last_error=self._last_error,
-        )
+        return self._health.snapshot()
 
     async def close(self) -> None:
         async with self._lock:
             await self._link.close()
-            self._state = LinkState.DISCONNECTED
+            self._health.state = LinkState.DISCONNECTED
 
     # ------------------------------------------------------------------ I/O
 
@@ -424,16 +415,11 @@ class ModbusProfileDriver:
         )
 
     def _record_ok(self) -> None:
-        self._state = LinkState.CONNECTED
-        self._consecutive_failures = 0
-        self._last_ok_mono_ns = self._clock.mono_ns()
+        self._health.ok(self._clock.mono_ns())
 
     def _record_failure(self, error: str) -> None:
         self._link.drop()
-        self._state = LinkState.FAILED
-        self._consecutive_failures += 1
-        self._total_failures += 1
-        self._last_error = error
+        self._health.failed(error)
 
     def _bad_reading(self, error: str) -> Reading:
         self._record_failure(error)

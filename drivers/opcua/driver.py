@@ -57,6 +57,7 @@ from drivers.contract import (
     DeviceKind,
     DriverError,
     DriverHealth,
+    HealthTracker,
     LinkState,
     Nameplate,
     PointSchema,
@@ -186,11 +187,7 @@ class OpcUaDriver:
         self._hi: npt.NDArray[np.float64] = np.zeros(0)
         self._vtypes: dict[str, ua.VariantType] = {}
         self._nameplate = Nameplate()
-        self._state = LinkState.DISCONNECTED
-        self._last_ok_mono_ns: int | None = None
-        self._consecutive_failures = 0
-        self._total_failures = 0
-        self._last_error: str | None = None
+        self._health = HealthTracker()
         self._backoff_s = params.reconnect_min_s
         self._next_attempt_mono = 0.0
         self.reconnects = 0  # sessions restored after a loss
@@ -251,18 +248,12 @@ class OpcUaDriver:
             return await self._write_locked(session, values, note)
 
     def health(self) -> DriverHealth:
-        return DriverHealth(
-            state=self._state,
-            last_ok_mono_ns=self._last_ok_mono_ns,
-            consecutive_failures=self._consecutive_failures,
-            total_failures=self._total_failures,
-            last_error=self._last_error,
-        )
+        return self._health.snapshot()
 
     async def close(self) -> None:
         async with self._lock:
             await self._drop_session()
-            self._state = LinkState.DISCONNECTED
+            self._health.state = LinkState.DISCONNECTED
 
     # ------------------------------------------------------------------ session
 
@@ -468,7 +459,7 @@ class OpcUaDriver:
         now = time.monotonic()
         if now < self._next_attempt_mono:
             return (
-                f"{self._last_error or 'disconnected'}; next reconnect in "
+                f"{self._health.last_error or 'disconnected'}; next reconnect in "
                 f"{self._next_attempt_mono - now:.1f} s"
             )
         async with self._lock:
@@ -697,15 +688,10 @@ class OpcUaDriver:
     # ------------------------------------------------------------------ health bookkeeping
 
     def _record_ok(self) -> None:
-        self._state = LinkState.CONNECTED
-        self._consecutive_failures = 0
-        self._last_ok_mono_ns = self._clock.mono_ns()
+        self._health.ok(self._clock.mono_ns())
 
     def _record_failure(self, error: str) -> None:
-        self._state = LinkState.FAILED
-        self._consecutive_failures += 1
-        self._total_failures += 1
-        self._last_error = error
+        self._health.failed(error)
 
 
 def _rating(value: float, name: str) -> float:

@@ -55,6 +55,7 @@ from drivers.contract import (
     DeviceKind,
     DriverError,
     DriverHealth,
+    HealthTracker,
     LinkState,
     Nameplate,
     PointSchema,
@@ -358,11 +359,7 @@ class SunSpecModbusDriver:
         self._models: tuple[ModelInstance, ...] = ()
         self._first: dict[int, ModelInstance] = {}
         self._compiled: _Compiled | None = None
-        self._state = LinkState.DISCONNECTED
-        self._last_ok_mono_ns: int | None = None
-        self._consecutive_failures = 0
-        self._total_failures = 0
-        self._last_error: str | None = None
+        self._health = HealthTracker()
 
     # ------------------------------------------------------------------ contract surface
 
@@ -443,18 +440,12 @@ class SunSpecModbusDriver:
             return await self._write_locked(setpoint)
 
     def health(self) -> DriverHealth:
-        return DriverHealth(
-            state=self._state,
-            last_ok_mono_ns=self._last_ok_mono_ns,
-            consecutive_failures=self._consecutive_failures,
-            total_failures=self._total_failures,
-            last_error=self._last_error,
-        )
+        return self._health.snapshot()
 
     async def close(self) -> None:
         async with self._lock:
             await self._link.close()
-            self._state = LinkState.DISCONNECTED
+            self._health.state = LinkState.DISCONNECTED
 
     # ------------------------------------------------------------------ link and requests
 
@@ -535,17 +526,12 @@ class SunSpecModbusDriver:
     # ------------------------------------------------------------------ health bookkeeping
 
     def _record_ok(self) -> None:
-        self._state = LinkState.CONNECTED
-        self._consecutive_failures = 0
-        self._last_ok_mono_ns = self._clock.mono_ns()
+        self._health.ok(self._clock.mono_ns())
 
     def _record_failure(self, error: str) -> None:
         # Drop the connection: a late reply must never be taken for the answer to a new request.
         self._drop_client()
-        self._state = LinkState.FAILED
-        self._consecutive_failures += 1
-        self._total_failures += 1
-        self._last_error = error
+        self._health.failed(error)
 
     def _bad_reading(self, schema: PointSchema, error: str) -> Reading:
         self._record_failure(error)
