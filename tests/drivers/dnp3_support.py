@@ -39,7 +39,9 @@ async def plant(backend: str, **params: Any) -> AsyncIterator[tuple[Any, Dnp3Dri
         "host": "127.0.0.1",
         "port": sim.port,
         "backend": backend,
-        "timeout_s": 0.5,
+        # Short enough that a silent outstation shows quickly, long enough for a full integrity
+        # poll (six fragments) from an outstation in the same busy test process.
+        "timeout_s": 1.0,
         "restart_backoff_s": 0.2,
     }
     settings.update(params)
