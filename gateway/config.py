@@ -174,6 +174,15 @@ def _split_target(target: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _check_https_url(cls: type[BaseModel], value: str | None) -> str | None:
+    """`enroll_url`: "https://host:port" (renewal presents a certificate and expects TLS)."""
+    if value is None:
+        return None
+    if not value.startswith("https://") or not value[len("https://") :].strip("/"):
+        raise ValueError(f"{value!r}: expected the headend's HTTPS URL, e.g. https://headend:8443")
+    return value.rstrip("/")
+
+
 class GrpcUplinkConfig(_Model):
     """`transport = "grpc"`: one bidi stream to the headend at `target`."""
 
@@ -189,6 +198,17 @@ class GrpcUplinkConfig(_Model):
     # A session with batches in flight and no Ack for this long is ended and reconnected (a
     # headend that died mid-batch behind an MQTT broker, or hung): unacked rows are resent.
     ack_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    # mTLS with the identity `dergw enroll` stored in state_dir (gateway.identity). false =
+    # plaintext, for local development against a headend run without --tls-dir only.
+    tls: bool = True
+    # The headend's HTTPS base URL ("https://host:port") for certificate renewal with a new key at
+    # 2/3 of the certificate's lifetime; without it the certificate is not renewed (re-enroll).
+    enroll_url: str | None = None
+    # Reconnect delay after the headend (or broker) rejected our certificate (expired, unknown
+    # CA, revoked) or while not enrolled: retrying sooner cannot help.
+    rejected_backoff_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+    _check_enroll_url = field_validator("enroll_url")(_check_https_url)
 
     @field_validator("target")
     @classmethod
@@ -231,6 +251,17 @@ class MqttUplinkConfig(_Model):
     # A session with batches in flight and no Ack for this long is ended and reconnected (a
     # headend that died mid-batch behind an MQTT broker, or hung): unacked rows are resent.
     ack_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    # mTLS with the identity `dergw enroll` stored in state_dir (gateway.identity). false =
+    # plaintext, for local development against a headend run without --tls-dir only.
+    tls: bool = True
+    # The headend's HTTPS base URL ("https://host:port") for certificate renewal with a new key at
+    # 2/3 of the certificate's lifetime; without it the certificate is not renewed (re-enroll).
+    enroll_url: str | None = None
+    # Reconnect delay after the headend (or broker) rejected our certificate (expired, unknown
+    # CA, revoked) or while not enrolled: retrying sooner cannot help.
+    rejected_backoff_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+
+    _check_enroll_url = field_validator("enroll_url")(_check_https_url)
 
     @field_validator("broker")
     @classmethod
@@ -730,7 +761,8 @@ def _summary(path: str, config: GatewayConfig) -> str:
         f"  devices  {len(config.devices)}"
         + (f": {by_kind}" if by_kind else "")
         + (f"; pcc meter {pcc.id}" if pcc else ""),
-        f"  uplink   {config.uplink.transport} {config.uplink.target}",
+        f"  uplink   {config.uplink.transport} {config.uplink.target}"
+        + (" (mTLS)" if config.uplink.tls else " (plaintext: local development only)"),
     ]
     return "\n".join(lines)
 

@@ -3,6 +3,10 @@
     dergw enroll --headend https://HOST:PORT (--token TOKEN | --token-file F) [--ca-file CA]
                  --config FILE
 
+`--headend` is the headend's HTTPS base URL (`https://HOST:PORT`, as served by
+`dergw headend run --tls-dir DIR`); the request goes to `<base>/api/v1/enroll`. The same base URL
+in `[uplink] enroll_url` lets the gateway renew its certificate by itself.
+
 The key is generated here and never leaves the device; the headend checks the one-time token
 (made for this gateway id at this site) and signs a certificate. `--ca-file` is the CA to trust
 for the headend's HTTPS (default: the system store). The intent-signing keys the headend sends

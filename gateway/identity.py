@@ -55,6 +55,7 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "CERTIFICATE_HEADER",
+    "ENROLL_API_PATH",
     "IDENTITY_DIRNAME",
     "SIGNATURE_HEADER",
     "Enrolled",
@@ -69,6 +70,7 @@ __all__ = [
     "classify_tls_failure",
     "commit_renewal",
     "enroll",
+    "enroll_api_url",
     "generate_key",
     "renew_at",
     "renewal_headers",
@@ -81,6 +83,8 @@ __all__ = [
 IDENTITY_DIRNAME = "identity"
 KEY_FILE, CERT_FILE, CA_FILE = "key.pem", "cert.pem", "ca.pem"
 CURRENT, PENDING, STAGED = "current", "pending", "staged"
+# Where the headend serves POST .../enroll and .../renew under its base URL (headend_min.api).
+ENROLL_API_PATH = "/api/v1"
 MAX_RESPONSE_BYTES = 256 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -350,6 +354,13 @@ def _remove_generation(directory: Path, name: str | None) -> None:
 # -- HTTPS ---------------------------------------------------------------------------------------
 
 
+def enroll_api_url(headend_url: str) -> str:
+    """The enrollment API under the headend's base URL: "https://h:p" -> "https://h:p/api/v1"
+    (a URL that already ends in /api/v1 is kept)."""
+    base = headend_url.rstrip("/")
+    return base if base.endswith(ENROLL_API_PATH) else base + ENROLL_API_PATH
+
+
 def _server_context(ca_bundle: Path | bytes | None) -> ssl.SSLContext:
     if ca_bundle is None:
         return ssl.create_default_context()
@@ -432,7 +443,8 @@ def enroll(
 ) -> Enrolled:
     """Enroll: new key, CSR + token over server-authenticated HTTPS, store the certificate.
 
-    `headend_url` is the headend's base URL (`https://host:port`); `ca_bundle` the CA to trust
+    `headend_url` is the headend's base URL (`https://host:port`; the request goes to
+    `enroll_api_url(headend_url) + "/enroll"`); `ca_bundle` the CA to trust
     for it (default: the system store). A previous identity is replaced only on success.
     """
     directory = _identity_dir(state_dir)
@@ -447,7 +459,7 @@ def enroll(
             "site_id": site_id,
         }
         answer = _post_json(
-            headend_url.rstrip("/") + "/enroll",
+            enroll_api_url(headend_url) + "/enroll",
             json.dumps(body).encode(),
             _server_context(ca_bundle),
             timeout_s,
@@ -537,7 +549,7 @@ def stage_renewal(
     try:
         body = json.dumps({"csr_pem": csr_pem.decode()}).encode()
         answer = _post_json(
-            headend_url.rstrip("/") + "/renew",
+            enroll_api_url(headend_url) + "/renew",
             body,
             current.ssl_context(),
             timeout_s,

@@ -114,7 +114,7 @@ API_PREFIX = "/api/v1"
 # The only operations served without an API token (read-only health). A route that authenticates
 # its caller another way (enrollment's one-time token) belongs here too; tests/headend/test_auth.py
 # checks that every other operation refuses anonymous calls.
-PUBLIC_PATHS = frozenset({f"{API_PREFIX}/healthz"})
+PUBLIC_PATHS = frozenset({f"{API_PREFIX}/healthz", f"{API_PREFIX}/enroll", f"{API_PREFIX}/renew"})
 MAX_BODY_BYTES = 1024 * 1024
 _HISTORY_MAX_LIMIT = 10_000
 _INT64_MAX = 2**63 - 1

@@ -1,9 +1,15 @@
 """`dergw headend run`: start the headend (gRPC link + HTTP API) in one process.
-(`dergw headend token ...` manages operator API tokens: `token_cli`.)
+(`dergw headend token ...` manages operator API tokens: `token_cli`; `dergw headend
+enroll-token create` and `dergw headend gateways list|revoke` manage gateway enrollment:
+`gateway_admin_cli`.)
+
+`--tls-dir DIR` switches TLS on (mTLS gRPC, HTTPS API with enrollment, MQTT over TLS; see
+`app`); without it the headend is plaintext, the local development mode.
 
 Prints `headend ready grpc=HOST:PORT http=HOST:PORT` (real ports, also for port 0; followed by
-` mqtt=HOST:PORT` with `--mqtt`) on stdout once both listen (and the MQTT subscription is in
-place); exits 0 on SIGTERM/SIGINT after a clean shutdown.
+` mqtt=HOST:PORT` with `--mqtt`, then ` tls ca=PATH` with `--tls-dir`) on stdout once both
+listen (and the MQTT subscription is in place); exits 0 on SIGTERM/SIGINT after a clean
+shutdown.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from headend_min.config import (
     parse_db_url,
     parse_endpoint,
 )
+from headend_min.gateway_admin_cli import add_gateway_admin_commands, gateway_admin_main
 from headend_min.store import StoreError
 from headend_min.token_cli import add_token_commands, token_main
 
@@ -79,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
         "not exist, a new admin token is created and written there (0600)",
     )
     run.add_argument(
+        "--tls-dir",
+        default=None,
+        type=Path,
+        metavar="DIR",
+        help="switch TLS on: DIR holds the headend CA (ca.key, ca.pem; created on first use) "
+        "and the certificates issued from it at start (server.pem/.key, "
+        "headend-client.pem/.key). gRPC then requires gateway client certificates, the HTTP "
+        "API is HTTPS and serves gateway enrollment (/api/v1/enroll, /api/v1/renew), MQTT "
+        "uses TLS. Gateways trust DIR/ca.pem. Without --tls-dir everything is plaintext: "
+        "local development only",
+    )
+    run.add_argument(
+        "--tls-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name or IP address gateways reach this headend by, added to its TLS "
+        "certificate (repeatable; the --grpc/--http hosts, localhost and 127.0.0.1 are always "
+        "in it)",
+    )
+    run.add_argument(
         "--keepalive-s",
         type=float,
         default=20.0,
@@ -92,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         help="log level on stderr (default %(default)s)",
     )
     add_token_commands(commands)
+    add_gateway_admin_commands(commands)
     return parser
 
 
@@ -106,7 +135,11 @@ def _config(args: argparse.Namespace) -> HeadendConfig:
         mqtt=_mqtt_endpoint(args.mqtt),
         signing_key=args.signing_key,
         admin_token_file=args.admin_token_file,
+        tls_dir=args.tls_dir,
+        tls_hosts=tuple(args.tls_host),
     )
+    if config.tls_hosts and config.tls_dir is None:
+        raise ConfigError("--tls-host needs --tls-dir (TLS is off without it)")
     config.signing_key_path()  # no default key with PostgreSQL: say so before starting
     return config
 
@@ -124,6 +157,8 @@ def _announce(headend: Headend) -> None:
     line = f"headend ready grpc={headend.grpc_endpoint} http={headend.http_endpoint}"
     if headend.config.mqtt is not None:
         line += f" mqtt={headend.config.mqtt}"
+    if headend.ca_pem_path is not None:
+        line += f" tls ca={headend.ca_pem_path}"
     print(line, flush=True)
 
 
@@ -131,6 +166,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
         return token_main(args)
+    if args.command in ("enroll-token", "gateways"):
+        return gateway_admin_main(args)
     try:
         config = _config(args)
     except ConfigError as exc:

@@ -154,6 +154,13 @@ class HeadendConfig:
     signing_key: Path | None = None
     # Accept-by time of a signed intent (not an execution limit): 24 h after it was sent.
     intent_validity_s: float = 24 * 3600.0
+    # TLS on (gRPC with client certificates, HTTPS, enrollment, MQTT over TLS): the directory
+    # of the headend CA (ca.key, ca.pem) and the certificates issued from it at start. None =
+    # plaintext, the local development mode.
+    tls_dir: Path | None = None
+    # Further names (DNS or IP) gateways dial the headend by, for its TLS certificate: the
+    # listen hosts, localhost and 127.0.0.1 are always in it (a wildcard listen host is not).
+    tls_hosts: tuple[str, ...] = ()
 
     def signing_key_path(self) -> Path:
         """The signing key file to use; raises ConfigError when there is no default."""

@@ -20,6 +20,10 @@ request is harmless: the CSR inside binds the new certificate to the gateway's n
 replayer does not hold. A deployment that terminates mTLS itself can pass its own callable
 returning the peer's `PeerCertificate`.
 
+`enrollment_unavailable_router` serves the same paths answering 503 with a reason: the headend
+mounts it when TLS is off, so the API's set of routes (and of public routes) does not depend on
+the mode and a gateway pointed at a plaintext headend learns why it cannot enroll.
+
 Bodies are bounded (`max_body_bytes`, 413) before any JSON decoding. Errors: 400 malformed
 request, CSR or key reuse; 401 bad token or unauthenticated renewal; 403 site mismatch, unknown,
 revoked or expired certificate.
@@ -66,6 +70,7 @@ __all__ = [
     "EnrollResponse",
     "RenewRequest",
     "enrollment_router",
+    "enrollment_unavailable_router",
     "signed_request_peer",
 ]
 
@@ -307,4 +312,20 @@ def enrollment_router(
             raise _http_error(exc) from None
         return _response(result, intent_keys)
 
+    return router
+
+
+def enrollment_unavailable_router(detail: str, *, prefix: str = "") -> APIRouter:
+    """`/enroll` and `/renew` answering 503 `detail` (enrollment switched off)."""
+    router = APIRouter(prefix=prefix, tags=["enrollment"])
+    unavailable: dict[int | str, dict[str, Any]] = {503: {"description": "enrollment is off"}}
+
+    async def refuse() -> None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail)
+
+    for path, summary in (
+        ("/enroll", "Enroll a gateway (needs the headend's TLS)"),
+        ("/renew", "Renew the caller's certificate (needs the headend's TLS)"),
+    ):
+        router.add_api_route(path, refuse, methods=["POST"], responses=unavailable, summary=summary)
     return router

@@ -1,7 +1,7 @@
 """Gateway enrollment: one-time tokens, certificate issuance, renewal and revocation.
 
 The state machine of reference/appliance.md §4.2, pure over an `EnrollmentStore` (in memory
-here, SQLite in `enrollment_sqlite`; PostgreSQL: not yet, see that module's note) and a
+here, SQLite in `enrollment_sqlite`, PostgreSQL in `enrollment_pg`) and a
 `pki.CertificateAuthority`, with an injected clock:
 
 - `create_token(site_id, gateway_id, ttl_s)` makes a one-time token bound to one gateway at one
@@ -37,6 +37,7 @@ from gateway.identity import renew_at
 from headend_min.clock import Clock, datetime_from_ns, ns_from_datetime
 from headend_min.pki import (
     DEFAULT_CLIENT_LIFETIME_S,
+    HEADEND_IDENTITY,
     CertificateAuthority,
     CsrError,
     cert_pem,
@@ -209,6 +210,11 @@ class Enrollment:
         """A new one-time token for `gateway_id` at `site_id`; the secret is returned only here."""
         _check_id("site id", site_id)
         _check_id("gateway id", gateway_id)
+        if gateway_id == HEADEND_IDENTITY:
+            # CN=headend is the headend's own MQTT identity: a gateway must never hold it.
+            raise InvalidRequestError(
+                f"gateway id {HEADEND_IDENTITY!r} is reserved for the headend; choose another"
+            )
         if not 0 < ttl_s <= MAX_TOKEN_TTL_S:
             raise InvalidRequestError(f"token lifetime must be 1..{MAX_TOKEN_TTL_S} s, not {ttl_s}")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -6,10 +6,9 @@ can be added to an existing headend database without a schema version bump, and 
 store never reads them. Like `sqlite_store`, one connection owned by one worker thread, WAL,
 synchronous=FULL (an issued certificate and a burnt token must survive a power cut).
 
-PostgreSQL: not implemented yet. A `PgEnrollmentStore` needs the same three tables (serials
-and hashes as TEXT, times as BIGINT ns) and `mark_token_used` as
-`UPDATE ... SET used_at_ns = $1 WHERE token_hash = $2 AND used_at_ns IS NULL` (rowcount 1 = won),
-which is what makes a token one-time across several headends.
+PostgreSQL: `enrollment_pg.PgEnrollmentStore`, the same three tables; there `mark_token_used`
+is `UPDATE ... WHERE token_hash = ... AND used_at_ns IS NULL` (rowcount 1 = won), which keeps a
+token one-time across several headends.
 """
 
 from __future__ import annotations

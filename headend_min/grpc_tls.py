@@ -30,12 +30,13 @@ import grpc
 import grpc.aio
 from cryptography import x509
 
-from headend_min.pki import PeerCertificate
+from headend_min.pki import SITE_URI_PREFIX, PeerCertificate
 
 __all__ = [
     "RevocationInterceptor",
     "peer_certificate",
     "peer_gateway_id",
+    "peer_site_id",
     "server_credentials",
 ]
 
@@ -72,16 +73,36 @@ def peer_gateway_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     return value.decode(errors="replace") if value else None
 
 
-def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> PeerCertificate | None:
-    """Gateway id and serial of the verified TLS peer certificate; None without mTLS."""
+def _peer_x509(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
     pem = _first(context, "x509_pem_cert")
     if not pem:
         return None
     try:
-        cert = x509.load_pem_x509_certificate(pem)
+        return x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
-    return PeerCertificate.of(cert)
+
+
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> PeerCertificate | None:
+    """Gateway id and serial of the verified TLS peer certificate; None without mTLS."""
+    cert = _peer_x509(context)
+    return None if cert is None else PeerCertificate.of(cert)
+
+
+def peer_site_id(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The site the verified TLS peer was enrolled at (its `urn:dergw:site:` SAN); None without
+    mTLS or without such a SAN."""
+    cert = _peer_x509(context)
+    if cert is None:
+        return None
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(SITE_URI_PREFIX):
+            return uri.removeprefix(SITE_URI_PREFIX)
+    return None
 
 
 class RevocationInterceptor(_ServerInterceptor):

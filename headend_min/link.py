@@ -14,6 +14,14 @@ that, three things run concurrently and meet in one bounded outbox that the RPC 
 The only in-memory state is which streams are open on this process (transport state that
 reconnecting gateways rebuild); presence is written to the store on every message and refreshed
 every `presence_interval_s` while a stream is open.
+
+Identity under mTLS (headend started with a TLS directory): who the gateway is comes from its
+verified client certificate (`grpc_tls.peer_certificate`), not from the Register. A Register
+naming another gateway or another site than the certificate is refused with PERMISSION_DENIED
+(counted in `identity_refusals`). The presence loop also re-checks each open stream's
+certificate against `is_revoked` and ends the stream of a revoked one with PERMISSION_DENIED
+(the interceptor refuses it at connect from then on). Without TLS there is no peer certificate
+and the Register is taken at its word (local development).
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from dergw.v1 import dergw_pb2_grpc, pb
 from headend_min.clock import Clock
+from headend_min.grpc_tls import peer_certificate, peer_site_id
 from headend_min.ingest import ProtocolViolation
 from headend_min.model import StreamRef
 from headend_min.notify import IntentSubscription, Notifier
@@ -61,6 +70,7 @@ class _Session:
     site_id: str
     outbox: asyncio.Queue[pb.DownMessage | _IntentOut | _End]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    certificate_serial: str | None = None  # of the client certificate (None without mTLS)
 
     def end(self, code: grpc.StatusCode, details: str) -> None:
         """End the stream from outside (replaced, shutting down); queued messages are dropped,
@@ -82,6 +92,7 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         presence_interval_s: float,
         register_timeout_s: float = 30.0,
         outbox_size: int = 32,
+        is_revoked: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
         self._sessions_ops = sessions
         self._store = sessions.store
@@ -90,6 +101,11 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         self._presence_interval_s = presence_interval_s
         self._register_timeout_s = register_timeout_s
         self._outbox_size = outbox_size
+        self._is_revoked = is_revoked
+        # Registers refused because they named another gateway or site than the certificate.
+        self.identity_refusals = 0
+        # Open streams ended because their certificate was revoked.
+        self.revoked_streams_ended = 0
         # gateway_id -> its open stream on this process.
         self._sessions: dict[str, _Session] = {}
         # Store updates of ended streams still in flight (strong references).
@@ -126,9 +142,23 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         except ProtocolViolation as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid register: {exc}")
 
-        stream = StreamRef(registration.gateway_id, uuid.uuid4().hex)
         site_id = registration.site.site_id
-        session = _Session(stream, site_id, asyncio.Queue(self._outbox_size))
+        peer = peer_certificate(context)
+        if peer is not None:
+            refusal = _identity_refusal(
+                peer.gateway_id, peer_site_id(context), registration.gateway_id, site_id
+            )
+            if refusal is not None:
+                self.identity_refusals += 1
+                _log.warning("refused register: %s", refusal)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+        stream = StreamRef(registration.gateway_id, uuid.uuid4().hex)
+        session = _Session(
+            stream,
+            site_id,
+            asyncio.Queue(self._outbox_size),
+            certificate_serial=peer.serial if peer is not None else None,
+        )
         # Subscribe before the registration reads the site's latest version: a version posted
         # in between is then both in the subscription and (harmlessly) possibly in the read.
         async with self._notifier.subscribe(site_id) as versions:
@@ -303,7 +333,8 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         return document.version
 
     async def run_presence(self) -> None:
-        """Refresh last_seen of every open stream, forever (cancel to stop)."""
+        """Refresh last_seen of every open stream and end revoked ones, forever (cancel to
+        stop)."""
         while True:
             await asyncio.sleep(self._presence_interval_s)
             streams = [session.stream for session in self._sessions.values()]
@@ -311,8 +342,54 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
                 await self._store.touch_streams(streams, self._clock.wall_ns())
             except StoreError:
                 _log.exception("presence refresh failed for %d streams", len(streams))
+            await self.end_revoked()
+
+    async def end_revoked(self) -> int:
+        """End the open streams whose client certificate is revoked; returns how many."""
+        if self._is_revoked is None:
+            return 0
+        ended = 0
+        for session in list(self._sessions.values()):
+            serial = session.certificate_serial
+            gateway_id = session.stream.gateway_id
+            if serial is None:
+                continue
+            try:
+                revoked = await self._is_revoked(gateway_id, serial)
+            except Exception:
+                # The revocation list is unreadable now: keep the stream, check again next time.
+                _log.exception("revocation check failed for %s", gateway_id)
+                continue
+            if revoked and self._sessions.get(gateway_id) is session:
+                _log.warning("ending the stream of %s: certificate %s revoked", gateway_id, serial)
+                session.end(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"revoked: certificate {serial} of gateway {gateway_id} is revoked; "
+                    "an admin must issue a new enrollment token",
+                )
+                ended += 1
+        self.revoked_streams_ended += ended
+        return ended
 
     def end_all(self, details: str) -> None:
         """Ask every open stream to end with UNAVAILABLE (gateways reconnect elsewhere)."""
         for session in list(self._sessions.values()):
             session.end(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def _identity_refusal(
+    cert_gateway_id: str, cert_site_id: str | None, gateway_id: str, site_id: str
+) -> str | None:
+    """Why a Register does not match the client certificate (None: it matches)."""
+    if gateway_id != cert_gateway_id:
+        return (
+            f"the client certificate is issued to gateway {cert_gateway_id!r}, the register "
+            f"names gateway {gateway_id!r}; a gateway registers under its certificate's id "
+            "(fix [gateway] id or enroll this gateway with its own token)"
+        )
+    if cert_site_id is not None and site_id != cert_site_id:
+        return (
+            f"gateway {gateway_id!r} is enrolled at site {cert_site_id!r}, the register names "
+            f"site {site_id!r}; revoke it and enroll it again for the new site"
+        )
+    return None

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_CLIENT_LIFETIME_S",
     "DEFAULT_SERVER_LIFETIME_S",
     "GATEWAY_URI_PREFIX",
+    "HEADEND_IDENTITY",
     "SITE_URI_PREFIX",
     "CaError",
     "CertificateAuthority",
@@ -58,6 +59,9 @@ DEFAULT_CA_LIFETIME_S = 10 * 365 * 86_400
 DEFAULT_CLIENT_LIFETIME_S = 30 * 86_400  # short-lived: renewal, not CRLs, is the revocation tool
 DEFAULT_SERVER_LIFETIME_S = 90 * 86_400
 GATEWAY_URI_PREFIX = "urn:dergw:gateway:"
+# The CN of the headend's own MQTT client certificate. No gateway may enroll under this id
+# (`enrollment.Enrollment.create_token` refuses it), or it would pass the broker's headend ACL.
+HEADEND_IDENTITY = "headend"
 SITE_URI_PREFIX = "urn:dergw:site:"
 MAX_CSR_BYTES = 16 * 1024
 # Tolerate a gateway clock slightly behind the headend's when it first uses a fresh certificate.

@@ -10,6 +10,11 @@ Persistence is on (`persistence_location` in the broker's directory, saved every
 exit), so persistent sessions and the QoS 1 messages queued for offline clients survive a
 restart, as on a production broker. The broker's log is `<dir>/mosquitto.log`
 (`Mosquitto.log_tail()` for error messages).
+
+`Mosquitto(dir, tls=BrokerTls(cafile, certfile, keyfile))` makes the listener mTLS as in
+production: a client certificate from the CA is required, its CN is the MQTT username, and the
+ACL keeps each gateway to its own topics (`dergw/v1/<CN>/up/#` write, `.../down/#` read) while
+the user `headend_user` (default "headend") may use every topic.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Mosquitto", "MosquittoError", "find_mosquitto"]
+__all__ = ["BrokerTls", "Mosquitto", "MosquittoError", "find_mosquitto"]
 
 _CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
@@ -45,6 +51,29 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """The broker's mTLS listener: CA for client certificates, the broker's own certificate."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    headend_user: str = "headend"
+    topic_prefix: str = "dergw/v1"
+
+    def acl(self) -> str:
+        return "\n".join(
+            [
+                f"user {self.headend_user}",
+                "topic readwrite #",
+                "",
+                f"pattern write {self.topic_prefix}/%u/up/#",
+                f"pattern read {self.topic_prefix}/%u/down/#",
+                "",
+            ]
+        )
+
+
 class Mosquitto:
     """One mosquitto process on 127.0.0.1; the port stays the same across restarts."""
 
@@ -57,6 +86,7 @@ class Mosquitto:
         host: str = "127.0.0.1",
         max_queued_messages: int = 100_000,
         extra_config: str = "",
+        tls: BrokerTls | None = None,
     ) -> None:
         found = binary or find_mosquitto()
         if found is None:
@@ -67,6 +97,7 @@ class Mosquitto:
         self.port = port or _free_port(host)
         self.max_queued_messages = max_queued_messages
         self.extra_config = extra_config
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -86,9 +117,22 @@ class Mosquitto:
     def _write_config(self) -> None:
         persistence = self.directory / "persistence"
         persistence.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} {self.host}"]
+        if self.tls is None:
+            lines.append("allow_anonymous true")
+        else:
+            acl = self.directory / "acl"
+            acl.write_text(self.tls.acl())
+            lines += [
+                f"cafile {self.tls.cafile}",
+                f"certfile {self.tls.certfile}",
+                f"keyfile {self.tls.keyfile}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "allow_anonymous false",
+                f"acl_file {acl}",
+            ]
+        lines += [
             "persistence true",
             f"persistence_location {persistence}/",
             "persistence_file mosquitto.db",

@@ -33,6 +33,7 @@ from gateway.runtime.flex import FlexReporter
 from gateway.runtime.poller import DevicePoller
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.uplink import Uplink, create_transport
+from gateway.runtime.uplink_tls import UplinkCredentials
 from gateway.snapshot import DeviceSlot, SiteSnapshot
 from gateway.timesync import ClockSyncPoint, ClockTrust, SampleClock
 from gateway.wire import (
@@ -120,10 +121,23 @@ class Gateway:
             audit=self.audit,
         )
         self.inventory_changed = asyncio.Event()
+        # mTLS identity from `dergw enroll` (None: plaintext, `[uplink] tls = false`).
+        self.uplink_credentials = (
+            UplinkCredentials(state_dir, enroll_url=config.uplink.enroll_url, clock=self.clock)
+            if config.uplink.tls
+            else None
+        )
         self.uplink = Uplink(
             config.uplink,
             transport=create_transport(
-                config.uplink, gateway_id=config.gateway.id, boot_id=self.boot_id
+                config.uplink,
+                gateway_id=config.gateway.id,
+                boot_id=self.boot_id,
+                identity=(
+                    self.uplink_credentials.selected
+                    if self.uplink_credentials is not None
+                    else None
+                ),
             ),
             gateway_id=config.gateway.id,
             outbox=self.outbox,
@@ -133,6 +147,7 @@ class Gateway:
             inventory_changed=self.inventory_changed,
             clock=self.clock,
             site_id=config.site.id,
+            credentials=self.uplink_credentials,
         )
 
     # -- uplink callbacks ---------------------------------------------------------------------

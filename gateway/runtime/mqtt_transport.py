@@ -38,6 +38,10 @@ event loop with `call_soon_threadsafe`. `send()` never blocks the event loop: at
 
 Broker ACLs (mosquitto): `pattern write dergw/v1/%c/up/#` and `pattern read dergw/v1/%c/down/#`
 keep a gateway to its own topics (the headend checks that message ids match the topic too).
+
+TLS (`[uplink] tls = true`): the connection is mTLS with the enrolled identity (`identity()`
+per connection): the broker is trusted by the headend CA and sees our certificate, whose CN is
+the gateway id; with `use_identity_as_username true` the ACLs above are written with `%u`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import contextlib
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +65,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from dergw.v1 import MAX_MESSAGE_BYTES, pb
 from gateway.config import MqttUplinkConfig
+from gateway.identity import Identity
 from gateway.runtime.transport import TransportClosedError
 
 __all__ = [
@@ -306,11 +312,13 @@ class MqttTransport:
         boot_id: str,
         connect_timeout_s: float = 10.0,
         max_unacked: int = 32,
+        identity: Callable[[], Identity] | None = None,
     ) -> None:
         self.config = config
         self.gateway_id = gateway_id
         self.boot_id = boot_id
-        self.target = f"mqtt://{config.broker}"
+        self._identity = identity  # None: plaintext (local development)
+        self.target = f"{'mqtts' if identity is not None else 'mqtt'}://{config.broker}"
         self.client_id = config.client_id or gateway_id
         self.topic_prefix = f"{config.topic_prefix}/{gateway_id}"
         self.connect_timeout_s = connect_timeout_s
@@ -353,6 +361,9 @@ class MqttTransport:
         client.max_queued_messages_set(0)
         if self.config.username is not None:
             client.username_pw_set(self.config.username, self.config.password)
+        if self._identity is not None:
+            # Hostname checked against the broker's certificate (the config's host).
+            client.tls_set_context(self._identity().ssl_context())
         client.will_set(
             self.topic(UP_STATE),
             self._presence(False),

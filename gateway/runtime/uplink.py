@@ -18,6 +18,14 @@ Per session (`gateway.runtime.transport` moves the messages):
        Every refusal is counted per reason in `UplinkHealth.intent_rejections`.
 A broken session is retried forever with full-jitter exponential backoff (tenacity), reset after
 a session that stayed up. The gateway only dials out.
+
+With `[uplink] tls = true` (the default) every connection is mTLS with the identity from
+`dergw enroll` (`gateway.runtime.uplink_tls.UplinkCredentials` picks it before each attempt and
+renews it). Not enrolled: the uplink stays down (health `tls_failure = "not_enrolled"`) and looks
+for the identity again every `reconnect_max_s`; the control loop never depends on the uplink. A
+certificate the other side rejects (expired, unknown CA, revoked; `classify_tls_failure`) waits
+`rejected_backoff_s` before the next attempt instead of hammering, and shows in
+`UplinkHealth.tls_failure`; each change is logged once.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from tenacity import RetryCallState, wait_random_exponential
@@ -37,10 +46,19 @@ from dergw.v1 import MAX_RECORDS_PER_BATCH, grpc_channel_options, pb
 from dergw.v1.dergw_pb2_grpc import GatewayLinkStub
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
+from gateway.grpc_tls import channel_credentials
+from gateway.identity import (
+    Identity,
+    IdentityError,
+    NotEnrolledError,
+    TlsFailure,
+    classify_tls_failure,
+)
 from gateway.intent_verify import rejection_name
 from gateway.outbox import AckBeyondHeadError, Outbox, OutboxRow
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.transport import TransportClosedError, UplinkTransport
+from gateway.runtime.uplink_tls import NOT_ENROLLED, UplinkCredentials
 
 __all__ = [
     "GrpcTransport",
@@ -59,6 +77,17 @@ REGISTER_TIMEOUT_S = 10.0
 # Register again this often while no RegisterAck came: over MQTT a Register published while no
 # headend was subscribed (all of them reconnecting to a restarted broker) is simply gone.
 REGISTER_RESEND_S = 2.0
+# Under TLS 1.3 a server refusing our certificate just closes the connection; the client sees
+# "Socket closed" as from a network drop. This many in a row before any RegisterAck, with TLS
+# on, count as a rejection (UNKNOWN_CA: most likely the headend no longer trusts our issuer).
+HANDSHAKE_CLOSES_TO_REJECT = 3
+_HANDSHAKE_CLOSE_MARKERS = ("socket closed", "connection reset")
+_REJECTION_HINTS = {
+    TlsFailure.EXPIRED.value: "run `dergw enroll` with a new token (renewal needs a valid one)",
+    TlsFailure.REVOKED.value: "an admin must issue a new enrollment token; run `dergw enroll`",
+    TlsFailure.UNKNOWN_CA.value: "the headend does not trust our certificate or we do not "
+    "trust its CA (changed?): run `dergw enroll` again",
+}
 
 _BODY_FIELD = {
     field_descriptor.number: field_descriptor.name
@@ -68,6 +97,10 @@ _BODY_FIELD = {
 
 class UplinkProtocolError(Exception):
     """The headend broke the protocol (e.g. no RegisterAck first); the session is dropped."""
+
+
+class _RenewalReconnectError(Exception):
+    """A renewed certificate is staged: end the session and reconnect with it."""
 
 
 class RetryAfterError(Exception):
@@ -100,6 +133,13 @@ class UplinkHealth:
     # Since when the headend has been unreachable (monotonic ns); None while connected.
     down_since_mono_ns: int | None = None
     notes: list[str] = field(default_factory=list)
+    tls: bool = False  # mTLS with the enrolled identity
+    # Why the headend (or broker) refuses us: a TlsFailure value ("expired", "unknown_ca",
+    # "revoked", "no_certificate") or "not_enrolled"; kept until a session is accepted.
+    tls_failure: str | None = None
+    cert_serial: str | None = None  # of the certificate presented last
+    cert_days_left: float | None = None
+    cert_renewals: int = 0
 
 
 class GrpcTransport:
@@ -107,16 +147,29 @@ class GrpcTransport:
 
     name = "grpc"
 
-    def __init__(self, target: str, *, keepalive_s: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        keepalive_s: float,
+        identity: Callable[[], Identity] | None = None,
+    ) -> None:
         self.target = target
         self._keepalive_s = keepalive_s
+        # None: plaintext (local development); else called per connect (renewals change it).
+        self._identity = identity
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage] | None = None
         self._write_lock = asyncio.Lock()
 
     async def connect(self) -> None:
         options = grpc_channel_options(keepalive_s=self._keepalive_s)
-        self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        if self._identity is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            # The server name checked is the target's host (in the headend certificate's SANs).
+            credentials = channel_credentials(self._identity())
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
         # No request iterator: this side writes with call.write() (reader/writer style). A dead
         # headend shows up as an error on the first write or read.
         self._call = GatewayLinkStub(self._channel).Connect(None)
@@ -155,13 +208,20 @@ class GrpcTransport:
             self._channel = None
 
 
-def create_transport(config: UplinkConfig, *, gateway_id: str, boot_id: str) -> UplinkTransport:
-    """The transport the config names (`[uplink] transport = "grpc" | "mqtt"`)."""
+def create_transport(
+    config: UplinkConfig,
+    *,
+    gateway_id: str,
+    boot_id: str,
+    identity: Callable[[], Identity] | None = None,
+) -> UplinkTransport:
+    """The transport the config names (`[uplink] transport = "grpc" | "mqtt"`); mTLS with
+    `identity()` (called per connection), plaintext without."""
     if config.transport == "mqtt":
         from gateway.runtime.mqtt_transport import MqttTransport
 
-        return MqttTransport(config, gateway_id=gateway_id, boot_id=boot_id)
-    return GrpcTransport(config.target, keepalive_s=config.keepalive_s)
+        return MqttTransport(config, gateway_id=gateway_id, boot_id=boot_id, identity=identity)
+    return GrpcTransport(config.target, keepalive_s=config.keepalive_s, identity=identity)
 
 
 class _Pace:
@@ -240,8 +300,12 @@ class Uplink:
         inventory_changed: asyncio.Event,
         clock: Clock,
         site_id: str,
+        credentials: UplinkCredentials | None = None,
     ) -> None:
         self._config = config
+        self._credentials = credentials
+        self._registered = False  # the current session got its RegisterAck
+        self._handshake_closes = 0  # consecutive closes before a RegisterAck (TLS on)
         self._transport = transport
         self._gateway_id = gateway_id
         self._site_id = site_id
@@ -253,7 +317,10 @@ class Uplink:
         self._clock = clock
         self._wait = wait_random_exponential(multiplier=0.5, max=config.reconnect_max_s)
         self.health = UplinkHealth(
-            transport=transport.name, target=transport.target, down_since_mono_ns=clock.mono_ns()
+            transport=transport.name,
+            target=transport.target,
+            down_since_mono_ns=clock.mono_ns(),
+            tls=credentials is not None,
         )
 
     def offline_for_s(self) -> float | None:
@@ -266,10 +333,22 @@ class Uplink:
         while True:
             started = time.monotonic()
             retry_after_s: float | None = None
+            fixed_delay_s: float | None = None
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except _RenewalReconnectError:
+                fixed_delay_s = 0.0
+                self.health.last_error = "reconnecting with the renewed certificate"
+            except NotEnrolledError as exc:
+                self.health.last_error = f"not enrolled: run `dergw enroll` ({exc})"
+                self._note_tls_failure(NOT_ENROLLED)
+                fixed_delay_s = self._config.reconnect_max_s  # only a local file is checked
+            except IdentityError as exc:
+                self.health.last_error = f"identity unusable: {exc}"
+                self._note_tls_failure(NOT_ENROLLED)
+                fixed_delay_s = self._config.reconnect_max_s
             except RetryAfterError as exc:
                 retry_after_s = exc.seconds
                 self.health.retry_after_count += 1
@@ -282,6 +361,7 @@ class Uplink:
                 grpc.aio.AioRpcError,
             ) as exc:
                 self.health.last_error = f"{type(exc).__name__}: {exc}"
+                fixed_delay_s = await self._on_failure(exc)
             finally:
                 was_connected = self.health.connected
                 self.health.connected = False
@@ -292,7 +372,9 @@ class Uplink:
             if was_connected:
                 log.warning("uplink lost: %s", self.health.last_error)
             attempt = 1 if time.monotonic() - started > HEALTHY_SESSION_S else attempt + 1
-            if retry_after_s is not None:
+            if fixed_delay_s is not None:
+                delay = fixed_delay_s
+            elif retry_after_s is not None:
                 # The headend's delay plus our own jitter, so refused gateways don't come back
                 # in lockstep.
                 delay = retry_after_s + random.uniform(0, retry_after_s / 2)
@@ -301,18 +383,92 @@ class Uplink:
                 state.attempt_number = attempt
                 delay = self._wait(state)
             self.health.next_retry_s = delay
-            if attempt in (1, 2) or attempt % 20 == 0:
+            if fixed_delay_s is None and (attempt in (1, 2) or attempt % 20 == 0):
                 log.info("uplink: retrying in %.1f s (%s)", delay, self.health.last_error)
             await asyncio.sleep(delay)
             self.health.reconnects += 1
 
+    def _note_tls_failure(self, failure: str | None) -> None:
+        """Record why the certificate was refused; log each change once, not every attempt."""
+        previous = self.health.tls_failure
+        if failure == previous:
+            return
+        self.health.tls_failure = failure
+        if failure is None:
+            log.info("uplink: %s resolved", previous)
+        elif failure == NOT_ENROLLED:
+            log.warning(
+                "uplink: %s; the uplink stays down, local control runs", self.health.last_error
+            )
+        else:
+            log.warning(
+                "uplink: certificate rejected (%s): %s; next attempts every %.0f s; %s",
+                failure,
+                self.health.last_error,
+                self._config.rejected_backoff_s,
+                _REJECTION_HINTS.get(failure, "check the headend's TLS setup"),
+            )
+
+    async def _on_failure(self, exc: BaseException) -> float | None:
+        """Classify a failed session under TLS; the delay before the next attempt, or None for
+        the normal backoff."""
+        credentials = self._credentials
+        if credentials is None:
+            return None
+        if await credentials.failed():
+            return None  # the renewed certificate failed: retry soon with the current one
+        failure = classify_tls_failure(exc, identity=credentials.identity, now=credentials.now())
+        closed = not self._registered and any(
+            marker in str(exc).lower() for marker in _HANDSHAKE_CLOSE_MARKERS
+        )
+        self._handshake_closes = self._handshake_closes + 1 if closed else 0
+        if failure is TlsFailure.OTHER and self._handshake_closes >= HANDSHAKE_CLOSES_TO_REJECT:
+            failure = TlsFailure.UNKNOWN_CA
+        if not failure.is_rejection:
+            return None
+        self._note_tls_failure(failure.value)
+        return self._config.rejected_backoff_s
+
+    def _update_certificate_health(
+        self, identity: Identity, credentials: UplinkCredentials
+    ) -> None:
+        self.health.cert_serial = identity.serial
+        self.health.cert_days_left = identity.days_left(credentials.now())
+        self.health.cert_renewals = credentials.renewals
+
+    async def _renewal_watch(self, credentials: UplinkCredentials) -> None:
+        """While connected: when the certificate's renewal is due, stage the renewal and end
+        the session (the next one presents the new certificate)."""
+        while True:
+            check_in_s = credentials.renewal_check_in_s()
+            if check_in_s is None:
+                await asyncio.Event().wait()  # never renewed here: wait for cancellation
+                continue
+            if check_in_s > 0:
+                await asyncio.sleep(min(check_in_s, 3600.0))
+                continue
+            if await credentials.stage() is not None:
+                raise _RenewalReconnectError
+
     async def _session(self) -> None:
         transport = self._transport
+        credentials = self._credentials
+        self._registered = False
+        if credentials is not None:
+            self._update_certificate_health(await credentials.prepare(), credentials)
+            if self.health.tls_failure == NOT_ENROLLED:
+                self._note_tls_failure(None)  # enrolled meanwhile
         await transport.connect()
         self._inventory_changed.clear()
         await transport.send(pb.UpMessage(register=self._register()))
         register_ack = await self._await_register_ack()
         lanes = await self._on_register_ack(register_ack)
+        self._registered = True
+        self._handshake_closes = 0
+        if credentials is not None:
+            await credentials.connected()
+            self._update_certificate_health(credentials.selected(), credentials)
+            self._note_tls_failure(None)
         self.health.connected = True
         self.health.down_since_mono_ns = None
         self.health.sessions += 1
@@ -328,18 +484,26 @@ class Uplink:
         )
         self.health.backlog_records_per_s = pace_records_per_s
         sender = asyncio.create_task(self._send_loop(lanes, pace_records_per_s))
+        renewal: asyncio.Task[None] | None = None
+        if credentials is not None:
+            renewal = asyncio.create_task(self._renewal_watch(credentials))
         reader: asyncio.Future[pb.DownMessage] | None = None
         try:
             while True:
                 reader = asyncio.ensure_future(transport.receive())
-                done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+                watched: set[asyncio.Future[Any]] = {reader, sender}
+                if renewal is not None:
+                    watched.add(renewal)
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if renewal is not None and renewal in done:
+                    renewal.result()  # raises _RenewalReconnectError
                 if sender in done:
                     sender.result()  # re-raise what stopped the sender
                     raise UplinkProtocolError("sender stopped")
                 message, reader = reader.result(), None
                 await self._dispatch(message, lanes)
         finally:
-            for task in (sender, reader):
+            for task in (sender, reader, renewal):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):

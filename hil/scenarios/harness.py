@@ -123,6 +123,7 @@ class Bench:
     transport: str = "grpc"  # the gateway's uplink: "grpc" or "mqtt"
     broker: Mosquitto | None = None  # the bench's own MQTT broker (transport "mqtt")
     db_url: str = ""  # the headend's --db ("" = the bench's SQLite file)
+    tls: bool = False  # the gateway's `[uplink] tls` (mTLS needs an enrolled gateway)
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started_mono
@@ -350,6 +351,7 @@ def gateway_config_text(
             if bench.broker is not None
             else ['transport = "grpc"', f'target = "{bench.grpc_target}"']
         ),
+        f"tls = {'true' if bench.tls else 'false'}",
         "keepalive_s = 10",
         "reconnect_max_s = 5",
         "ack_timeout_s = 5",

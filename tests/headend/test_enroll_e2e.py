@@ -34,6 +34,7 @@ from gateway import enroll_cli
 from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
     CERTIFICATE_HEADER,
+    ENROLL_API_PATH,
     SIGNATURE_HEADER,
     EnrollmentRefusedError,
     Identity,
@@ -114,6 +115,7 @@ async def headend(tmp_path: Path) -> AsyncIterator[Headend]:
             clock=clock,
             ca_certificate=ca.certificate,
             intent_keys=intent_keys.to_json,
+            prefix=ENROLL_API_PATH,  # where `dergw enroll --headend https://host:port` posts
         )
     )
     cert_file, key_file = ca.write_server_certificate(tmp_path / "tls", ["127.0.0.1"], now=now)
@@ -329,27 +331,32 @@ async def test_enroll_api_bounds_and_validates_bodies(headend: Headend) -> None:
     tls = ssl.create_default_context(cafile=str(headend.ca_file))
     async with httpx.AsyncClient(verify=tls) as client:
         too_big = await client.post(
-            headend.url + "/enroll",
+            headend.url + ENROLL_API_PATH + "/enroll",
             content=b"x" * 20_000,
             headers={"Content-Type": "application/json"},
         )
         assert too_big.status_code == 413
-        malformed = await client.post(headend.url + "/enroll", content=b"{not json")
+        malformed = await client.post(
+            headend.url + ENROLL_API_PATH + "/enroll", content=b"{not json"
+        )
         assert malformed.status_code == 400
-        missing = await client.post(headend.url + "/enroll", json={"token": "x"})
+        missing = await client.post(headend.url + ENROLL_API_PATH + "/enroll", json={"token": "x"})
         assert missing.status_code == 400
         assert "csr_pem" in missing.json()["detail"]
         bad_token = await client.post(
-            headend.url + "/enroll",
+            headend.url + ENROLL_API_PATH + "/enroll",
             json={"token": "dgwe_nope", "csr_pem": build_csr(generate_key(), "gw-1").decode()},
         )
         assert bad_token.status_code == 401
         assert "unknown enrollment token" in bad_token.json()["detail"]
         bad_csr = await client.post(
-            headend.url + "/enroll", json={"token": "dgwe_nope", "csr_pem": "nope"}
+            headend.url + ENROLL_API_PATH + "/enroll",
+            json={"token": "dgwe_nope", "csr_pem": "nope"},
         )
         assert bad_csr.status_code == 400
-        unsigned_renew = await client.post(headend.url + "/renew", json={"csr_pem": "x"})
+        unsigned_renew = await client.post(
+            headend.url + ENROLL_API_PATH + "/renew", json={"csr_pem": "x"}
+        )
         assert unsigned_renew.status_code == 401
         assert "X-Dergw-Certificate" in unsigned_renew.json()["detail"]
 
@@ -383,7 +390,9 @@ async def test_renewal_must_be_signed_by_a_current_certificate(
     async with httpx.AsyncClient(verify=tls) as client:
 
         async def renew(h: dict[str, str]) -> httpx.Response:
-            return await client.post(headend.url + "/renew", content=body, headers=h)
+            return await client.post(
+                headend.url + ENROLL_API_PATH + "/renew", content=body, headers=h
+            )
 
         wrong_key = await renew(headers(cert, generate_key(), body))
         assert wrong_key.status_code == 401

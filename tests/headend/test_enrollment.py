@@ -37,7 +37,7 @@ from headend_min.enrollment import (
     renew_at,
 )
 from headend_min.enrollment_sqlite import SqliteEnrollmentStore
-from headend_min.pki import CertificateAuthority, gateway_id_of, serial_text
+from headend_min.pki import HEADEND_IDENTITY, CertificateAuthority, gateway_id_of, serial_text
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,8 @@ def test_renew_at_lies_inside_the_lifetime(lifetime_s: int, offset_s: int) -> No
     moment = renew_at(start, end)
     assert start < moment < end
     assert abs((moment - start) / (end - start) - 2 / 3) < 1e-6
+
+
+async def test_the_headends_own_identity_cannot_be_enrolled(enrollment: Enrollment) -> None:
+    with pytest.raises(InvalidRequestError, match="reserved for the headend"):
+        await enrollment.create_token("site-a", HEADEND_IDENTITY)

@@ -45,6 +45,7 @@ def _gateway_config(path: Path, *, grpc_target: str, keys_file: Path) -> Path:
                 'transport = "grpc"',
                 f'target = "{grpc_target}"',
                 "reconnect_max_s = 1",
+                "tls = false",  # the test headend is plaintext
                 "[security]",
                 f'intent_keys_file = "{keys_file}"',
                 "",
