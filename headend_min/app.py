@@ -417,6 +417,9 @@ class Headend:
                 tls=None
                 if self.tls is None
                 else MqttTls(self.tls.ca_pem_path, self.tls.client_cert, self.tls.client_key),
+                admitted=None
+                if self._enrollment is None
+                else self._enrollment.holds_valid_certificate,
             )
             try:
                 await self._mqtt.start()

@@ -324,6 +324,16 @@ class Enrollment:
     async def certificates(self, gateway_id: str) -> list[IssuedCertificate]:
         return await self._store.list_certificates(gateway_id)
 
+    async def holds_valid_certificate(self, gateway_id: str) -> bool:
+        """Does `gateway_id` hold a certificate that is neither revoked nor expired? Where the
+        transport does not show the peer's serial (MQTT through a broker), this is the check."""
+        now_ns = self._clock.wall_ns()
+        for issued in await self._store.list_certificates(gateway_id):
+            live = issued.revoked_at_ns is None and issued.not_after_ns > now_ns
+            if live and not await self._store.is_revoked(gateway_id, issued.serial):
+                return True
+        return False
+
     async def _issue(
         self, csr: x509.CertificateSigningRequest, *, gateway_id: str, site_id: str
     ) -> EnrollmentResult:

@@ -60,8 +60,10 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +112,11 @@ _BODIES = {
 # Seconds a gateway waits after a storage error / a protocol violation before reconnecting.
 STORE_ERROR_RETRY_S = 5
 PROTOCOL_VIOLATION_RETRY_S = 30
+# A revoked gateway is told to come back much later (it cannot recover without re-enrolling).
+REVOKED_RETRY_S = 600
+# How long a gateway's "holds a valid certificate" answer is reused (revocation takes effect
+# within this, like a gRPC stream ended by the presence loop).
+ADMISSION_CACHE_S = 5.0
 
 
 class _QuietPahoFilter(logging.Filter):
@@ -162,6 +169,7 @@ class MqttLinkStats:
     dropped_misaddressed: int = 0
     protocol_violations: int = 0
     store_errors: int = 0
+    refused_revoked: int = 0  # messages of gateways without a valid certificate (refused)
 
 
 @dataclass(slots=True)
@@ -208,9 +216,15 @@ class MqttLink:
         reconnect_max_s: int = 30,
         clock: Clock | None = None,
         tls: MqttTls | None = None,
+        admitted: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.sessions = sessions
         self.tls = tls
+        # With TLS: does the gateway still hold a valid certificate? The broker authenticates
+        # the certificate but knows nothing of revocations, so the link refuses a revoked
+        # gateway's messages itself (answers kept for a few seconds, not a query per message).
+        self._admitted = admitted
+        self._admission_cache: dict[str, tuple[bool, float]] = {}
         self.clock: Clock = clock or SystemClock()
         self.broker_host = broker_host
         self.broker_port = broker_port
@@ -559,6 +573,19 @@ class MqttLink:
             )
             return
         stream = stream_ref(gateway_id, incoming.correlation)
+        # An offline presence (the broker's will) always counts: it is how a refused gateway
+        # that disconnects shows offline.
+        offline = body == "presence" and not incoming.message.presence.online
+        if not offline and not await self._still_admitted(gateway_id):
+            self.stats.refused_revoked += 1
+            _log.warning("mqtt link: refused %s from %s: no valid certificate", body, gateway_id)
+            await self._retry_after(
+                incoming,
+                REVOKED_RETRY_S,
+                "revoked: this gateway holds no valid certificate; an admin must issue a new "
+                "enrollment token",
+            )
+            return
         if body != "presence":
             self._active[gateway_id] = stream
         try:
@@ -636,6 +663,17 @@ class MqttLink:
                 raise ProtocolViolation(f"intent_ack from unregistered gateway {gateway_id!r}")
             site_id = self._sites[gateway_id] = record.site_id
         await self.sessions.intent_ack(gateway_id, site_id, incoming.message.intent_ack)
+
+    async def _still_admitted(self, gateway_id: str) -> bool:
+        if self._admitted is None:
+            return True
+        now = time.monotonic()
+        cached = self._admission_cache.get(gateway_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        verdict = await self._admitted(gateway_id)
+        self._admission_cache[gateway_id] = (verdict, now + ADMISSION_CACHE_S)
+        return verdict
 
     async def _retry_after(self, incoming: _Incoming, seconds: int, reason: str) -> None:
         message = pb.DownMessage(retry_after=pb.RetryAfter(seconds=seconds, reason=reason[:200]))

@@ -109,6 +109,7 @@ class RetryAfterError(Exception):
     def __init__(self, seconds: float, reason: str) -> None:
         super().__init__(f"headend asked to retry after {seconds:g} s: {reason}")
         self.seconds = seconds
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -353,6 +354,10 @@ class Uplink:
                 retry_after_s = exc.seconds
                 self.health.retry_after_count += 1
                 self.health.last_error = str(exc)
+                if exc.reason.startswith(TlsFailure.REVOKED.value):
+                    # Over MQTT the broker accepts the certificate; the headend says it is
+                    # revoked in its answer instead of at the handshake.
+                    self._note_tls_failure(TlsFailure.REVOKED.value)
             except (
                 UplinkProtocolError,
                 TimeoutError,

@@ -15,17 +15,20 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from headend_min.pki import CertificateAuthority
 from headend_min.signing import trust_file_path
-from hil.mqtt_broker import Mosquitto, MosquittoError, find_mosquitto
+from hil.mqtt_broker import BrokerTls, Mosquitto, MosquittoError, find_mosquitto
 from hil.server import Endpoint, SiteSimulator
 from hil.site import SiteSpec
 
@@ -76,11 +79,20 @@ class ManagedProcess:
 
 class HeadendApi:
     """A minimal JSON client for the headend's HTTP API (urllib, run off the event loop);
-    authenticates with `token` (the bench's admin token) when given."""
+    authenticates with `token` (the bench's admin token) when given; over HTTPS it trusts
+    `ca_file` (the headend's CA)."""
 
-    def __init__(self, base_url: str, token: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str | None = None, ca_file: Path | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self._ssl = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+
+    @property
+    def address(self) -> str:
+        """ "host:port" of the API."""
+        return self.base_url.split("://", 1)[-1]
 
     def _request(self, method: str, path: str, body: object | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -94,7 +106,7 @@ class HeadendApi:
             headers=headers,
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=self._ssl) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
@@ -142,6 +154,17 @@ class Bench:
         return self.admin_token_file.read_text().strip()
 
     @property
+    def tls_dir(self) -> Path:
+        """The headend's `--tls-dir` (its CA and certificates) when the bench runs with TLS."""
+        return self.workdir / "headend-tls"
+
+    def api_for(self, http_addr: str) -> HeadendApi:
+        """A client for a headend of this bench listening on `http_addr`."""
+        if self.tls:
+            return HeadendApi(f"https://{http_addr}", self.admin_token(), self.tls_dir / "ca.pem")
+        return HeadendApi(f"http://{http_addr}", self.admin_token())
+
+    @property
     def signing_key(self) -> Path:
         """The headend's intent signing key; the gateway trusts its `.pub.json` trust file."""
         return self.workdir / "headend-signing-key.pem"
@@ -150,6 +173,8 @@ class Bench:
         args = ["headend", "run", "--grpc", grpc_addr, "--http", http_addr]
         args += ["--db", self.headend_db, "--admin-token-file", str(self.admin_token_file)]
         args += ["--signing-key", str(self.signing_key)]
+        if self.tls:
+            args += ["--tls-dir", str(self.tls_dir)]
         if self.broker is not None:
             args += ["--mqtt", self.broker.address]
         return args
@@ -165,7 +190,7 @@ class Bench:
             await self.headend.stop()
         if down_s:
             await asyncio.sleep(down_s)
-        http_addr = self.api.base_url.removeprefix("http://")
+        http_addr = self.api.address
         self.headend = await _spawn(
             "headend",
             self.headend_args(self.grpc_target, http_addr),
@@ -183,7 +208,7 @@ class Bench:
             append=True,
         )
         _, http_addr = await _wait_headend_ready(process)
-        return process, HeadendApi(f"http://{http_addr}", self.admin_token())
+        return process, self.api_for(http_addr)
 
     async def stop_headend(self) -> None:
         """Stop the headend (an outage); `restart_headend()` brings it back on the same ports."""
@@ -206,6 +231,50 @@ class Bench:
         if self.gateway is not None:
             await self.gateway.stop()
         return await self.start_gateway()
+
+    async def admin_command(self, *args: str) -> str:
+        """Run `dergw headend ARGS... --db <the bench's database>`; its stdout (exit 0) or a
+        BenchError with its output."""
+        process = await asyncio.create_subprocess_exec(
+            *_dergw_command(["headend", *args, "--db", self.headend_db]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise BenchError(
+                f"dergw headend {' '.join(args)}: exit {process.returncode}: "
+                f"{stderr.decode(errors='replace')}"
+            )
+        return stdout.decode().strip()
+
+    async def enroll_gateway(self) -> None:
+        """Enroll the bench's gateway as an installer would: a one-time token from the headend
+        admin command, then `dergw enroll` (key made on the "device", CSR over HTTPS)."""
+        assert self.gateway_config is not None
+        token = await self.admin_command(
+            "enroll-token", "create", "--site", self.site_id, "--gateway", self.gateway_id
+        )
+        process = await asyncio.create_subprocess_exec(
+            *_dergw_command(
+                [
+                    "enroll",
+                    "--headend",
+                    self.api.base_url,
+                    "--token",
+                    token,
+                    "--ca-file",
+                    str(self.tls_dir / "ca.pem"),
+                    "--config",
+                    str(self.gateway_config),
+                ]
+            ),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+        if process.returncode != 0:
+            raise BenchError(f"dergw enroll: exit {process.returncode}: {output.decode()}")
 
     async def start_gateway(self) -> ManagedProcess:
         assert self.gateway_config is not None
@@ -352,6 +421,7 @@ def gateway_config_text(
             else ['transport = "grpc"', f'target = "{bench.grpc_target}"']
         ),
         f"tls = {'true' if bench.tls else 'false'}",
+        *([f'enroll_url = "{bench.api.base_url}"'] if bench.tls else []),
         "keepalive_s = 10",
         "reconnect_max_s = 5",
         "ack_timeout_s = 5",
@@ -464,6 +534,16 @@ def _url_from_params(params: dict[str, Any]) -> str:
     return f"{auth}{host}:{port}/{params['dbname']}"
 
 
+def _broker_tls(workdir: Path) -> BrokerTls:
+    """The broker's certificate from the headend's CA (created here first: the broker starts
+    before the headend, which then finds and uses the same CA in its --tls-dir)."""
+    ca = CertificateAuthority.open(workdir / "headend-tls", now=datetime.now(UTC))
+    cert, key = ca.write_server_certificate(
+        workdir / "broker-tls", ["127.0.0.1", "localhost"], now=datetime.now(UTC)
+    )
+    return BrokerTls(cafile=workdir / "headend-tls" / "ca.pem", certfile=cert, keyfile=key)
+
+
 def _fresh_state(workdir: Path) -> None:
     """A run starts from nothing: the headend's database and the gateway's state of an earlier
     run in the same workdir would otherwise carry its intents and events into this one."""
@@ -482,6 +562,7 @@ async def open_bench(
     foreign_headend: str | None = None,
     transport: str = "grpc",
     db_url: str = "",
+    tls: bool = False,
     **config_options: Any,
 ) -> AsyncIterator[Bench]:
     """Start headend and simulator, write the gateway config; stop everything on exit.
@@ -490,6 +571,9 @@ async def open_bench(
     a headend (tests that play the headend themselves). `transport="mqtt"` starts the bench's
     own mosquitto (private port, persistence in the workdir) and connects both ends through it;
     `db_url` (postgresql://...) runs the headend on that database instead of a SQLite file.
+    `tls=True` runs the product as installed: the headend with `--tls-dir` (mTLS gRPC, HTTPS
+    API; a TLS broker with per-gateway ACLs for MQTT) and the gateway enrolled with a one-time
+    token before the scenario starts it.
     """
     if transport not in ("grpc", "mqtt"):
         raise BenchError(f"transport {transport!r}: use grpc or mqtt")
@@ -500,7 +584,8 @@ async def open_bench(
         if find_mosquitto() is None:
             raise BenchError("transport mqtt needs mosquitto (apt install mosquitto)")
         shutil.rmtree(workdir / "broker", ignore_errors=True)
-        broker = Mosquitto(workdir / "broker")
+        broker_tls = _broker_tls(workdir) if tls else None
+        broker = Mosquitto(workdir / "broker", tls=broker_tls)
         try:
             await asyncio.to_thread(broker.start)
         except MosquittoError as exc:
@@ -522,6 +607,7 @@ async def open_bench(
             transport=transport,
             broker=broker,
             db_url=db_url,
+            tls=tls,
         )
         if foreign_headend is None:
             headend = await _spawn(
@@ -533,9 +619,11 @@ async def open_bench(
             grpc_addr, http_addr = await _wait_headend_ready(headend)
             bench.headend = headend
             bench.grpc_target = grpc_addr
-            bench.api = HeadendApi(f"http://{http_addr}", bench.admin_token())
+            bench.api = bench.api_for(http_addr)
         bench.gateway_config = workdir / "gateway.toml"
         bench.gateway_config.write_text(gateway_config_text(bench, **config_options))
+        if tls and foreign_headend is None:
+            await bench.enroll_gateway()
         yield bench
     finally:
         if bench is not None and bench.gateway is not None:

@@ -44,6 +44,7 @@ from hil.scenarios.offline_schedule import run_offline_schedule
 from hil.scenarios.overlapping_programs import run_overlapping_programs
 from hil.scenarios.randomized_start import run_randomized_start
 from hil.scenarios.report import ScenarioResult
+from hil.scenarios.revoked_gateway import run_revoked_gateway
 from hil.scenarios.soc_floor import run_soc_floor
 from hil.site import SiteFileError, load_site
 
@@ -60,6 +61,8 @@ class Scenario:
     transports: tuple[str, ...] = ("grpc",)
     # Needs a PostgreSQL headend database (`--db URL`).
     needs_postgres: bool = False
+    # Runs the product as installed by default: mTLS, HTTPS, an enrolled gateway (`--tls`).
+    tls: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -190,6 +193,15 @@ SCENARIOS: dict[str, Scenario] = {
         run_forged_intent,
         transports=("mqtt",),
     ),
+    "revoked-gateway": Scenario(
+        "revoked-gateway",
+        "an enrolled gateway is revoked mid-event: its stream is ended, it cannot reconnect or "
+        "renew and backs off, the site keeps its cached cap",
+        "demo.toml",
+        run_revoked_gateway,
+        transports=("grpc", "mqtt"),
+        tls=True,
+    ),
 }
 
 
@@ -201,6 +213,7 @@ def _site_path(name: str) -> Path:
 class RunOptions:
     transport: str | None = None  # None = the scenario's default
     db_url: str | None = None  # PostgreSQL server/database URL (scenarios that need one)
+    tls: bool | None = None  # None = the scenario's default
 
 
 async def _run(
@@ -214,6 +227,7 @@ async def _run(
 ) -> ScenarioResult:
     options = options or RunOptions()
     transport = options.transport or scenario.transports[0]
+    tls = scenario.tls if options.tls is None else options.tls
     if transport not in scenario.transports:
         raise BenchError(
             f"scenario {scenario.name} runs over {' or '.join(scenario.transports)}, "
@@ -228,13 +242,14 @@ async def _run(
                 fresh_postgres_database(options.db_url or DEFAULT_POSTGRES_URL)
             )
         bench = await stack.enter_async_context(
-            open_bench(spec, workdir, transport=transport, db_url=db_url)
+            open_bench(spec, workdir, transport=transport, db_url=db_url, tls=tls)
         )
         print(
             f"bench up in {time.monotonic() - started:.1f} s: headend {bench.api.base_url} "
             f"(gRPC {bench.grpc_target}"
             + (f", MQTT {bench.broker.address}" if bench.broker is not None else "")
             + (", PostgreSQL" if db_url else ", SQLite")
+            + (", mTLS, gateway enrolled" if tls else ", plaintext (local development)")
             + f"), simulated site '{spec.name}' with {len(spec.devices)} devices, "
             f"gateway over {transport}, logs in {workdir}",
             file=out,
@@ -248,7 +263,8 @@ async def _run(
                 f"{bench.site_id}/intents (see README); Ctrl-C to stop. The API needs a "
                 f"token; the bench's admin token is in {bench.admin_token_file}:\n"
                 f'  curl -H "Authorization: Bearer $(cat {bench.admin_token_file})" '
-                f"{bench.api.base_url}/api/v1/sites/{bench.site_id}",
+                + (f"--cacert {bench.tls_dir / 'ca.pem'} " if bench.tls else "")
+                + f"{bench.api.base_url}/api/v1/sites/{bench.site_id}",
                 file=out,
                 flush=True,
             )
@@ -264,6 +280,7 @@ async def run_scenario(
     out: TextIO | None = None,
     transport: str | None = None,
     db_url: str | None = None,
+    tls: bool | None = None,
 ) -> ScenarioResult:
     """Run scenario `name` in this process's event loop (tests use this; the CLI wraps it)."""
     if name not in SCENARIOS:
@@ -273,7 +290,7 @@ async def run_scenario(
         site_file=site_file,
         workdir=workdir,
         out=out or sys.stdout,
-        options=RunOptions(transport=transport, db_url=db_url),
+        options=RunOptions(transport=transport, db_url=db_url, tls=tls),
     )
 
 
@@ -346,6 +363,12 @@ def main(argv: list[str]) -> int:
         f"database there and drops it afterwards (default for scenarios that need one: "
         f"{DEFAULT_POSTGRES_URL})",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="run as installed: headend with --tls-dir (mTLS gRPC, HTTPS API, TLS broker), the "
+        "gateway enrolled with a one-time token (default for the security scenarios)",
+    )
     args = parser.parse_args(argv)
     if args.list or not args.name:
         width = max(len(name) for name in SCENARIOS)
@@ -366,7 +389,9 @@ def main(argv: list[str]) -> int:
         check=args.check,
         site_file=args.site,
         workdir=args.workdir,
-        options=RunOptions(transport=args.transport, db_url=args.db),
+        options=RunOptions(
+            transport=args.transport, db_url=args.db, tls=True if args.tls else None
+        ),
     )
 
 
@@ -383,6 +408,12 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument(
         "--workdir", type=Path, help="where state and logs go (default: a temp dir)"
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="local development only: plaintext gRPC/HTTP and no enrollment (by default the "
+        "demo runs as installed: the headend's own CA, mTLS, HTTPS, the gateway enrolled)",
+    )
     args = parser.parse_args(argv)
     return _execute(
         SCENARIOS["export-limit"],
@@ -390,4 +421,5 @@ def demo_main(argv: list[str]) -> int:
         site_file=None,
         workdir=args.workdir,
         keep_running=args.keep_running,
+        options=RunOptions(tls=not args.insecure),
     )

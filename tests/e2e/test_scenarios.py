@@ -29,13 +29,17 @@ def test_unknown_scenario_is_a_usage_error() -> None:
     assert "unknown scenario 'nope'" in result.stderr
 
 
-def test_export_limit_scenario_passes_its_check(tmp_path: Path) -> None:
+def test_the_demo_runs_secure_by_default_and_passes_its_check(tmp_path: Path) -> None:
+    # `dergw demo` is the export-limit scenario run as installed: the headend's own CA, mTLS
+    # gRPC, HTTPS API, the gateway enrolled with a one-time token, signed intents.
     result = subprocess.run(
-        [*DERGW, "hil", "scenario", "export-limit", "--check", "--workdir", str(tmp_path)],
+        [*DERGW, "demo", "--check", "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "mTLS, gateway enrolled" in result.stdout
+    assert "headend https://" in result.stdout
     assert "scenario export-limit PASSED" in result.stdout
     assert "[FAIL]" not in result.stdout
