@@ -2,6 +2,7 @@
 
     dergw enroll --headend https://HOST:PORT (--token TOKEN | --token-file F) [--ca-file CA]
                  --config FILE
+    dergw enroll --renew --config FILE [--headend https://HOST:PORT]
 
 `--headend` is the headend's HTTPS base URL (`https://HOST:PORT`, as served by
 `dergw headend run --tls-dir DIR`); the request goes to `<base>/api/v1/enroll`. The same base URL
@@ -15,8 +16,13 @@ are installed as the trust file (`[security] intent_keys_file`).
 `--token-file` is for an unattended first boot: the token is read from the file, and the file is
 deleted once enrollment succeeded (a one-time secret should not stay on a boot partition).
 
-Exit codes: 0 enrolled; 1 refused or failed (the message says why and what to do); 2 usage or
-config error.
+`--renew` renews now instead of at 2/3 of the certificate's lifetime: a new key, a request
+signed with the current certificate (default URL: `[uplink] enroll_url`); the new certificate is
+staged, and the gateway switches to it on its next connection (keeping the old one until the
+headend accepted the new one). A revoked gateway is refused here (exit 1).
+
+Exit codes: 0 enrolled (renewal staged); 1 refused or failed (the message says why and what
+to do); 2 usage or config error.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from gateway.identity import (
     HeadendUnreachableError,
     IdentityError,
     enroll,
+    stage_renewal,
     write_private_file,
 )
 from gateway.intent_verify import TrustedKeys, TrustedKeysError
 
-__all__ = ["EnrollUsageError", "main", "run_enroll"]
+__all__ = ["EnrollUsageError", "main", "run_enroll", "run_renew"]
 
 MAX_TOKEN_FILE_BYTES = 4096
 
@@ -47,8 +54,11 @@ class EnrollUsageError(ValueError):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dergw enroll", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--headend", required=True, help="the headend's base URL, https://...")
-    token = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--headend", help="the headend's base URL, https://...")
+    parser.add_argument(
+        "--renew", action="store_true", help="renew the certificate now (no token needed)"
+    )
+    token = parser.add_mutually_exclusive_group()
     token.add_argument("--token", help="the one-time enrollment token")
     token.add_argument("--token-file", type=Path, help="read the token from F, delete F on success")
     parser.add_argument("--ca-file", type=Path, help="CA certificate(s) to trust for the headend")
@@ -121,17 +131,38 @@ def run_enroll(
     )
 
 
+def run_renew(*, config_path: Path, headend: str | None = None, timeout_s: float = 30.0) -> str:
+    """Stage a renewed certificate now; returns a one-line summary. Raises IdentityError
+    (refused, e.g. revoked, or failed), ConfigError or EnrollUsageError."""
+    config = load_config(config_path)
+    url = headend or config.uplink.enroll_url
+    if not url:
+        raise EnrollUsageError("give --headend or set [uplink] enroll_url in the config")
+    staged = stage_renewal(config.gateway.state_dir, headend_url=url, timeout_s=timeout_s)
+    return (
+        f"renewal staged for {staged.gateway_id}: certificate {staged.serial}, valid until "
+        f"{staged.not_after:%Y-%m-%d %H:%M} UTC; the gateway switches on its next connection"
+    )
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
-        summary = run_enroll(
-            headend=args.headend,
-            config_path=args.config,
-            token=args.token,
-            token_file=args.token_file,
-            ca_file=args.ca_file,
-            timeout_s=args.timeout,
-        )
+        if args.renew:
+            summary = run_renew(
+                config_path=args.config, headend=args.headend, timeout_s=args.timeout
+            )
+        elif args.headend is None:
+            raise EnrollUsageError("give --headend (the headend's https:// base URL)")
+        else:
+            summary = run_enroll(
+                headend=args.headend,
+                config_path=args.config,
+                token=args.token,
+                token_file=args.token_file,
+                ca_file=args.ca_file,
+                timeout_s=args.timeout,
+            )
     except ConfigError as exc:
         print(f"dergw enroll: invalid config:\n{exc}", file=sys.stderr)
         return 2

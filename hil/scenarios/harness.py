@@ -248,6 +248,17 @@ class Bench:
             )
         return stdout.decode().strip()
 
+    async def gateway_command(self, *args: str) -> tuple[int, str]:
+        """Run `dergw ARGS... --config <the bench's gateway config>`: (exit code, output)."""
+        assert self.gateway_config is not None
+        process = await asyncio.create_subprocess_exec(
+            *_dergw_command([*args, "--config", str(self.gateway_config)]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+        return process.returncode or 0, output.decode(errors="replace")
+
     async def enroll_gateway(self) -> None:
         """Enroll the bench's gateway as an installer would: a one-time token from the headend
         admin command, then `dergw enroll` (key made on the "device", CSR over HTTPS)."""
