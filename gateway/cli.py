@@ -35,6 +35,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main",
         "check or list the gateway's audit log (`dergw audit verify|show --config F`)",
     ),
+    "metrics": (
+        "gateway.metrics_cli",
+        "main",
+        "the gateway's Prometheus metrics (`dergw metrics --socket S [--textfile F]`)",
+    ),
+    "console": (
+        "gateway.console.cli",
+        "main",
+        "the site technician's terminal UI (`dergw console [--config F] [--allow-writes]`)",
+    ),
     "headend": ("headend_min.cli", "main", "run the headend (`dergw headend run`)"),
     "hil": ("hil.cli", "main", "simulated sites and HIL scenarios (`dergw hil run|scenario`)"),
     "demo": ("hil.cli", "demo_main", "headend + simulated site + gateway on loopback"),

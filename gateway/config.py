@@ -70,6 +70,7 @@ __all__ = [
     "GatewayConfig",
     "GatewaySection",
     "GrpcUplinkConfig",
+    "LocalApiConfig",
     "MqttUplinkConfig",
     "OutboxConfig",
     "SecurityConfig",
@@ -561,6 +562,31 @@ class SecurityConfig(_Model):
         return self.intent_keys_file or state_dir / "intent-keys.json"
 
 
+class LocalApiConfig(_Model):
+    """`[local_api]`: the gateway's local API on a Unix socket (gateway.localapi).
+
+    `socket`: its path (default `<state_dir>/dergw.sock`; packaged installs use
+    /run/dergw/dergw.sock); a relative path resolves against the config file's directory.
+    `group`: the group the socket is given (mode 0660: that group's members may use it).
+    The peer's user (SO_PEERCRED) is the origin recorded for overrides: "local:<user>".
+    """
+
+    enabled: bool = True
+    socket: Path | None = None
+    group: str | None = Field(default=None, min_length=1)
+
+    @field_validator("socket")
+    @classmethod
+    def _resolve_socket(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = info.context.get("config_dir") if isinstance(info.context, Mapping) else None
+        if value is not None and base is not None and not value.is_absolute():
+            return Path(base) / value
+        return value
+
+    def socket_path(self, state_dir: Path) -> Path:
+        return self.socket or state_dir / "dergw.sock"
+
+
 class GatewayConfig(_Model):
     gateway: GatewaySection
     site: SiteConfig
@@ -568,6 +594,7 @@ class GatewayConfig(_Model):
     control: ControlConfig = ControlConfig()
     outbox: OutboxConfig = OutboxConfig()
     security: SecurityConfig = SecurityConfig()
+    local_api: LocalApiConfig = LocalApiConfig()
     devices: tuple[DeviceConfig, ...] = ()
 
     @model_validator(mode="after")

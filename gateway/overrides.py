@@ -100,6 +100,10 @@ class OverrideBook:
             del self._active[timed.override.override_id]
         return expired
 
+    def timed(self) -> tuple[TimedOverride, ...]:
+        """The overrides in force with their expiry, oldest first."""
+        return tuple(self._active.values())
+
     def active(self) -> tuple[Override, ...]:
         # Oldest first: a newer override on the same mode is applied later and wins.
         return tuple(t.override for t in self._active.values())

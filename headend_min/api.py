@@ -4,29 +4,36 @@ Routes read from the `Store` and render with `schemas`; intent posts compose the
 with the pure functions of `intents` inside the store's allocating transaction, then wake the
 site's streams through the `Notifier`. Errors are 4xx with a `detail` that says what to fix.
 
-Every route but `/healthz` (and the OpenAPI document and `/docs`, which hold no data) needs an
-API token (`auth.require`): viewer to read, operator to post and cancel intents, admin to manage
-tokens. A site-scoped token reads and commands its own site only: per-site routes answer 403
-for other sites, fleet-wide lists (`/sites`, `/gateways`, `/events`) are filtered to its site,
-and the fleet-wide aggregate `/grid/feeders` is refused.
+Every route but `/healthz` (and the OpenAPI document, `/docs` and the operator page `/`, which
+hold no data) needs an API token (`auth.require`): viewer to read, operator to post and cancel
+intents, admin to manage tokens. A site-scoped token reads and commands its own site only:
+per-site routes answer 403 for other sites, fleet-wide lists (`/sites`, `/gateways`, `/events`)
+are filtered to its site, and the fleet-wide aggregate `/grid/feeders` is refused.
 Intents and token changes record the principal that made them. Request bodies are limited to
 `max_body_bytes` before anything decodes them (413); path and query ids are bounded like the
 wire contract's, so hostile input is a 4xx and changes nothing.
+
+`GET /metrics` is the Prometheus exposition of `metrics` (a viewer token: scrapers send it as a
+bearer token). `GET /` (and `/ui`) serves the static operator page `ui/operator.html`, which
+calls this API with a token the operator pastes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime
+from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dergw.v1 import MAX_ID_LENGTH, pb
@@ -57,6 +64,8 @@ from headend_min.intents import (
     compose_intent,
     for_device,
 )
+from headend_min.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from headend_min.metrics import ApiCounters, ProcessSources, process_metrics, render
 from headend_min.model import (
     GatewayRecord,
     HistoryCursor,
@@ -114,7 +123,12 @@ API_PREFIX = "/api/v1"
 # The only operations served without an API token (read-only health). A route that authenticates
 # its caller another way (enrollment's one-time token) belongs here too; tests/headend/test_auth.py
 # checks that every other operation refuses anonymous calls.
-PUBLIC_PATHS = frozenset({f"{API_PREFIX}/healthz", f"{API_PREFIX}/enroll", f"{API_PREFIX}/renew"})
+# The operator page (`/`, `/ui`) is static HTML and script holding no data: it asks the operator
+# for a token and sends it with each API call it makes.
+PUBLIC_PATHS = frozenset(
+    {f"{API_PREFIX}/healthz", f"{API_PREFIX}/enroll", f"{API_PREFIX}/renew", "/", "/ui"}
+)
+_OPERATOR_PAGE = "ui/operator.html"  # package data of headend_min
 MAX_BODY_BYTES = 1024 * 1024
 _HISTORY_MAX_LIMIT = 10_000
 _INT64_MAX = 2**63 - 1
@@ -270,6 +284,28 @@ def _rejection(exc: IntentRejected) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc))
 
 
+def _page_security_headers(page: str) -> dict[str, str]:
+    """A Content-Security-Policy that runs only the page's own inline script (by its hash) and
+    lets it talk to this origin only: a token pasted into the page cannot leave for elsewhere,
+    even if injected text slipped past the page's escaping. No framing (clickjacking)."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+        for script in scripts
+    )
+    script_src = hashes or "'none'"
+    policy = (
+        f"default-src 'none'; script-src {script_src}; "
+        "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
 def create_api(
     *,
     store: Store,
@@ -278,7 +314,9 @@ def create_api(
     stale_after_s: float,
     new_event_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     max_body_bytes: int = MAX_BODY_BYTES,
+    process: ProcessSources | None = None,
 ) -> FastAPI:
+    """The API app; `process` gives `/metrics` the sessions, link and MQTT counters."""
     stale_after_ns = int(stale_after_s * 1e9)
     app = FastAPI(
         title="dergw headend",
@@ -289,6 +327,7 @@ def create_api(
         redoc_url=None,
     )
     app.state.authenticator = Authenticator(store, clock)
+    api_counters = ApiCounters()
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     router = APIRouter(prefix=API_PREFIX, responses=_ERROR_RESPONSES)
 
@@ -325,6 +364,7 @@ def create_api(
             raise _not_found(str(exc)) from None
         except IntentRejected as exc:
             raise _rejection(exc) from None
+        api_counters.intents_posted += 1
         await notifier.publish(site_id, stored.version)
         return IntentCreatedOut.of(stored)
 
@@ -754,4 +794,44 @@ def create_api(
         return TokenOut.of(revoked)
 
     app.include_router(router)
+
+    # -- operators' page and Prometheus ---------------------------------------------------------
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        tags=["health"],
+        responses={
+            **_ERROR_RESPONSES,
+            200: {
+                "description": "Prometheus text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        },
+    )
+    async def metrics(_principal: Viewer) -> Response:
+        """Counters of this process and fleet gauges, for Prometheus (a viewer token)."""
+        now_ns = clock.wall_ns()
+        gateways = await store.list_gateways()
+        counters, gauges = process_metrics(
+            gateways_total=len(gateways),
+            gateways_online=sum(online(g, now_ns) for g in gateways),
+            api=api_counters,
+            authenticator=app.state.authenticator,
+            sources=process,
+        )
+        return Response(render(counters, gauges), media_type=METRICS_CONTENT_TYPE)
+
+    page = (resources.files("headend_min") / _OPERATOR_PAGE).read_text(encoding="utf-8")
+    page_headers = {"Cache-Control": "no-cache", **_page_security_headers(page)}
+
+    async def operator_page() -> HTMLResponse:
+        """The operator page (static; it asks for a token and calls this API with it)."""
+        return HTMLResponse(page, headers=page_headers)
+
+    for path, name in (("/", "operator_page"), ("/ui", "operator_page_ui")):
+        app.add_api_route(
+            path, operator_page, response_class=HTMLResponse, tags=["operator"], name=name
+        )
+
     return app

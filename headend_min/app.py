@@ -54,6 +54,7 @@ from headend_min.enrollment import Enrollment, EnrollmentStore
 from headend_min.enrollment_sqlite import SqliteEnrollmentStore, SqliteEnrollmentStoreError
 from headend_min.grpc_tls import RevocationInterceptor, server_credentials
 from headend_min.link import GatewayLinkService
+from headend_min.metrics import ProcessSources
 from headend_min.mqtt_link import MqttIntentNotifier, MqttLink, MqttTls
 from headend_min.notify import InProcessNotifier, Notifier
 from headend_min.pki import (
@@ -433,6 +434,7 @@ class Headend:
             notifier=api_notifier,
             clock=self.clock,
             stale_after_s=config.stale_after_s,
+            process=ProcessSources(self.sessions, self._link, self._mqtt),
         )
         self.api.include_router(self._enrollment_routes(key_path))
         sock = _listen_http(config.http)

@@ -26,6 +26,7 @@ from dergw.v1 import pb, timestamp_from_ns
 from gateway.intent_verify import rejection_name
 from headend_min.clock import Clock
 from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
+from headend_min.metrics import SessionCounters
 from headend_min.model import CommitResult, IntentAckInfo, RegisterOutcome, Registration, StreamRef
 from headend_min.signing import DEFAULT_INTENT_VALIDITY_S, SigningKey, sign_intent
 from headend_min.store import Store, StoreError
@@ -49,6 +50,15 @@ def ack_message(result: CommitResult) -> pb.DownMessage:
     return pb.DownMessage(
         ack=pb.Ack(up_to_seq=result.committed_seq, ranges=_seq_ranges(result.committed_ranges))
     )
+
+
+def _ack_status_name(status: int) -> str:
+    """`persisted`, `stale`, `rejected` ... (`unknown` for a number this build lacks)."""
+    try:
+        name = pb.IntentAckStatus.Name(status)  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+    return name.removeprefix("INTENT_ACK_STATUS_").lower()
 
 
 class Admission:
@@ -127,6 +137,7 @@ class GatewaySessions:
         self._intent_validity_s = intent_validity_s
         self.admission = admission
         self._backlog_records_per_s = backlog_records_per_s
+        self.counters = SessionCounters()  # read by GET /metrics
 
     @property
     def store(self) -> Store:
@@ -177,6 +188,8 @@ class GatewaySessions:
         """Commit one batch, then return its Ack. Raises ProtocolViolation or StoreError."""
         rows = plan_telemetry(batch, gateway_id)
         result = await self._store.commit_telemetry(rows, self._clock.wall_ns())
+        self.counters.telemetry_batches += 1
+        self.counters.telemetry_records += len(batch.records)
         return ack_message(result)
 
     async def intent_ack(self, gateway_id: str, site_id: str, ack: pb.IntentAck) -> None:
@@ -199,6 +212,7 @@ class GatewaySessions:
             IntentAckInfo(ack.site_id, ack.version, ack.status, reason[:MAX_ACK_REASON_CHARS]),
             self._clock.wall_ns(),
         )
+        self.counters.intent_acks[_ack_status_name(ack.status)] += 1
 
     def intent_message(self, gateway_id: str, document: pb.IntentDocument) -> pb.DownMessage:
         """`document` signed for `gateway_id` now (gateways accept only signed intents)."""

@@ -27,6 +27,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.history import History
 from gateway.intent_store import IntentSiteMismatchError, IntentStore, OfferResult
 from gateway.intent_verify import IntentRefused, TrustedKeysFile, verify_signed_intent
+from gateway.localapi.server import LocalApiServer
 from gateway.outbox import Outbox, RecordKind
 from gateway.runtime.control import ControlLoop
 from gateway.runtime.flex import FlexReporter
@@ -34,6 +35,7 @@ from gateway.runtime.poller import DevicePoller
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.uplink import Uplink, create_transport
 from gateway.runtime.uplink_tls import UplinkCredentials
+from gateway.sdnotify import Notifier, run_watchdog, watchdog_max_age_s, watchdog_pet_interval_s
 from gateway.snapshot import DeviceSlot, SiteSnapshot
 from gateway.timesync import ClockSyncPoint, ClockTrust, SampleClock
 from gateway.wire import (
@@ -69,8 +71,15 @@ async def _supervise(name: str, factory: Callable[[], Awaitable[None]]) -> None:
 class Gateway:
     """Everything one site gateway runs, wired together."""
 
-    def __init__(self, config: GatewayConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Clock | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path  # the running config file (local API's config diff)
         self.clock = clock or SystemClock()
         self.boot_id = uuid.uuid4().hex
         state_dir = Path(config.gateway.state_dir)
@@ -148,6 +157,17 @@ class Gateway:
             clock=self.clock,
             site_id=config.site.id,
             credentials=self.uplink_credentials,
+        )
+        self.pollers: dict[str, DevicePoller] = {}
+        # The local API on a Unix socket (`[local_api]`); started by run().
+        self.local_api = (
+            LocalApiServer(
+                self,
+                config.local_api.socket_path(state_dir),
+                group=config.local_api.group,
+            )
+            if config.local_api.enabled
+            else None
         )
 
     # -- uplink callbacks ---------------------------------------------------------------------
@@ -299,7 +319,7 @@ class Gateway:
             asyncio.create_task(_supervise("uplink", self.uplink.run), name="uplink"),
         ]
         for device in self.config.devices:
-            poller = DevicePoller(
+            poller = self.pollers[device.id] = DevicePoller(
                 self.drivers[device.id],
                 poll_period_s=device.poll_period_s,
                 snapshot=self.snapshot,
@@ -311,6 +331,8 @@ class Gateway:
             tasks.append(
                 asyncio.create_task(_supervise(f"poller {device.id}", poller.run), name=device.id)
             )
+        if self.local_api is not None:
+            await self.local_api.start()
         log.info(
             "gateway %s ready: site %s, %d devices, uplink %s, intent v%d",
             self.config.gateway.id,
@@ -319,9 +341,31 @@ class Gateway:
             self.config.uplink.target,
             held.version if held else 0,
         )
+        # systemd (Type=notify): ready once the stores are open and the tasks run; never waits
+        # for the uplink. The watchdog is petted only while control and outbox progress.
+        notifier = Notifier()
+        pet_interval_s = watchdog_pet_interval_s()
+        if pet_interval_s is not None:
+            watchdog = run_watchdog(
+                notifier,
+                pet_interval_s=pet_interval_s,
+                max_age_s=watchdog_max_age_s(
+                    pet_interval_s,
+                    control_period_s=self.config.control.period_s,
+                    commit_s=self.config.outbox.commit_interval_s,
+                ),
+                control_cycles=lambda: self.control.cycles,
+                outbox_rounds=lambda: self.recorder.rounds,
+                clock=self.clock,
+            )
+            tasks.append(asyncio.create_task(watchdog, name="watchdog"))
+        notifier.ready(f"site {self.config.site.id}, {len(self.config.devices)} devices")
         try:
             await stop.wait()
         finally:
+            notifier.stopping("stopping")
+            if self.local_api is not None:
+                await self.local_api.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -369,7 +413,7 @@ def main(argv: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await Gateway(config).run(stop)
+        await Gateway(config, config_path=args.config).run(stop)
 
     asyncio.run(_run())
     return 0

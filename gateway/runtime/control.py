@@ -34,7 +34,7 @@ from gateway.lifecycle import (
     withdrawn_modes,
 )
 from gateway.outbox import RecordKind
-from gateway.overrides import OverrideBook
+from gateway.overrides import OverrideBook, TimedOverride
 from gateway.plan import plan
 from gateway.runtime.flex import FlexReporter
 from gateway.runtime.recorder import Recorder
@@ -199,6 +199,11 @@ class ControlLoop:
         self._resume_mono_ns: int | None = None  # set while waiting for fresh readings
         self.overrides = OverrideBook()
         self.cycles = 0
+        # Numbers of the last cycle begun and the last completed (a failed one never completes).
+        self.cycles_begun = 0
+        self.cycle_completed = 0
+        # The last cycle's enforced setpoints (with their "why"), for the local API.
+        self.last_setpoints: tuple[SafeSetpoint, ...] = ()
 
     # -- intent intake ------------------------------------------------------------------------
 
@@ -391,6 +396,8 @@ class ControlLoop:
         now_wall, now_mono = self._clock.wall_ns(), self._clock.mono_ns()
         if self._stalled(now_mono):
             return
+        self.cycles_begun += 1
+        cycle = self.cycles_begun
         states = self._snapshot.device_states(now_mono)
         for device_id, state in states.items():
             if state.max_w > 0:
@@ -471,6 +478,7 @@ class ControlLoop:
             state=self._kernel_state,
         )
         self._kernel_state = enforcement.state
+        self.last_setpoints = tuple(enforcement.setpoints)
         notes = (*gate_notes, *enforcement.notes)
         storage = self._recorder.storage_condition
         if storage:
@@ -544,6 +552,24 @@ class ControlLoop:
             now_mono,
         )
         self.cycles += 1
+        self.cycle_completed = cycle
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Conditions in force as of the last cycle (interlocks, clock, offline, storage)."""
+        return self._notes
+
+    @property
+    def interlocks(self) -> tuple[Interlock, ...]:
+        return self._interlocks
+
+    def timed_overrides(self) -> tuple[TimedOverride, ...]:
+        """The overrides in force with their expiry (monotonic ns)."""
+        return self.overrides.timed()
+
+    def event_windows(self) -> dict[str, tuple[int, int]]:
+        """Each event's effective [start, end) in wall ns (randomization applied)."""
+        return effective_windows(self.intent.events, self._offsets()) if self.intent else {}
 
     def _needs_write(self, setpoint: SafeSetpoint, now_mono: int) -> bool:
         written = self._written.get(setpoint.device_id)

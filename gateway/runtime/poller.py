@@ -50,6 +50,11 @@ class DevicePoller:
         self._clock = clock
         self._on_discovered = on_discovered
         self._max_backoff_s = max_backoff_s
+        self._rescan = False
+
+    def request_rescan(self) -> None:
+        """Re-run discovery (reconnect, re-read the nameplate and model) before the next read."""
+        self._rescan = True
 
     async def _discover(self) -> DeviceInfo:
         attempt = 0
@@ -84,6 +89,13 @@ class DevicePoller:
         next_due = self._clock.mono_ns()
         failing = False
         while True:
+            if self._rescan:
+                self._rescan = False
+                log.info("%s: rescan requested: re-running discovery", info.device_id)
+                await self._driver.close()
+                info = await self._discover()
+                self._snapshot.set_info(info)
+                self._on_discovered(info)
             synced = self._sample_clock.synced()  # before the read: see SampleClock.synced
             reading = await self._driver.read()
             self._snapshot.update(reading)

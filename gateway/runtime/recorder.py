@@ -44,6 +44,9 @@ class Recorder:
         self.committed = asyncio.Event()  # set after each commit; the uplink clears it
         self.dropped_records = 0  # over the process's life: dropped in memory or refused
         self.last_committed_seq = 0
+        # Commit rounds finished (committed, nothing to do, or refused with an answer): a
+        # blocked SQLite write stops this counter, and the systemd watchdog with it.
+        self.rounds = 0
         # The storage trouble in force ("disk full", "read-only file system", "I/O error"), or
         # None while the outbox accepts commits.
         self.storage_condition: str | None = None
@@ -130,6 +133,7 @@ class Recorder:
                     await self.flush()
                 except Exception as exc:
                     log.error("outbox commit failed, will retry: %s", exc)
+                self.rounds += 1
         finally:
             # Shutdown: commit what is pending so a clean stop loses nothing.
             try:

@@ -423,7 +423,7 @@ def test_misspelt_table_is_unknown_and_the_real_one_missing(tmp_path: Path) -> N
     assert _problems(tmp_path, BASE.replace("[site]", "[sites]")) == [
         "site: required key is missing",
         "sites: unknown key; did you mean 'site'? allowed here: gateway, site, uplink, control, "
-        "outbox, security, devices",
+        "outbox, security, local_api, devices",
     ]
 
 
