@@ -29,6 +29,7 @@ from gateway.console.panels import (
     header_line,
     overview_panel,
     point_read_text,
+    test_write_text,
     validation_text,
 )
 from gateway.console.source import DataSource, SourceError
@@ -92,6 +93,7 @@ class SiteConsole(App[None]):
         Binding("o", "override", "Override"),
         Binding("x", "clear_override", "Clear"),
         Binding("s", "rescan", "Rescan"),
+        Binding("t", "test_write", "Test"),
         Binding("p", "read_point", "Read"),
         Binding("v", "validate", "Validate"),
         Binding("r", "refresh", "Refresh"),
@@ -298,6 +300,54 @@ class SiteConsole(App[None]):
         self.set_status(f"override {override_id} active for {duration_s:g} s")
         await self.refresh_data()
         self.action_tab("control")
+
+    @work(exclusive=True, group="action")
+    async def action_test_write(self) -> None:
+        if self._writes_refused("a test write"):
+            return
+
+        def check(values: dict[str, str]) -> str | None:
+            if not values["device_id"]:
+                return "a test write goes to one device"
+            try:
+                parse_controls(values["controls"])
+                if not 0 < float(values["duration_s"]) <= 300:
+                    return "duration must be 1..300 s (it reverts on its own)"
+            except ValueError as exc:
+                return str(exc)
+            return None
+
+        device = self.screen.device_id if isinstance(self.screen, DeviceScreen) else ""
+        values = await self.push_screen_wait(
+            FormScreen(
+                "Test write (a short device override, verified by read-back)",
+                [
+                    Field("device_id", "device id", device or self.selected_device()),
+                    Field("controls", "controls (name=value)", "max_gen_pct="),
+                    Field("duration_s", "duration (s)", "30"),
+                ],
+                check,
+            )
+        )
+        if values is None:
+            self.set_status("test write cancelled")
+            return
+        controls = parse_controls(values["controls"])
+        duration_s = float(values["duration_s"])
+        shown = ", ".join(f"{k}={v:g}" for k, v in controls.items())
+        if not await self._confirm(f"Write {shown} to {values['device_id']} for {duration_s:g} s?"):
+            self.set_status("test write cancelled")
+            return
+        try:
+            result = await self.source.test_write(
+                device_id=values["device_id"], controls=controls, duration_s=duration_s
+            )
+        except SourceError as exc:
+            self.set_status(f"test write {exc.code}: {exc.message}", error=True)
+            return
+        self.set_status("")
+        self._tools_result(test_write_text(result))
+        await self.refresh_data()
 
     @work(exclusive=True, group="action")
     async def action_clear_override(self) -> None:

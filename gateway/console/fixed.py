@@ -21,6 +21,7 @@ from gateway.console.model import (
     OverrideView,
     PointRead,
     PointValue,
+    TestWriteView,
     UplinkView,
     ValidationView,
 )
@@ -188,6 +189,20 @@ class FixedSource:
         self.requests.append("rescan")
         if self._snap.device(device_id) is None:
             raise SourceError("not_found", f"no device {device_id}")
+
+    async def test_write(
+        self, *, device_id: str, controls: Mapping[str, float], duration_s: float
+    ) -> TestWriteView:
+        self.requests.append("test_write")
+        if self._snap.device(device_id) is None:
+            raise SourceError("not_found", f"no device {device_id}")
+        override_id = await self.set_override(
+            device_id=device_id, controls=controls, duration_s=duration_s, reason="test write"
+        )
+        readback = tuple(
+            ("WMaxLimPct", value) for name, value in controls.items() if name == "max_gen_pct"
+        )
+        return TestWriteView(device_id, override_id, True, True, "", readback)
 
     async def read_point(self, device_id: str, point: str) -> PointRead:
         self.requests.append("read_point")

@@ -22,6 +22,7 @@ from gateway.console.model import (
     OverrideView,
     PointRead,
     PointValue,
+    TestWriteView,
     UplinkView,
     ValidationView,
 )
@@ -197,6 +198,31 @@ class LiveSource:
 
     async def rescan(self, device_id: str) -> None:
         await self._call(lambda api: api.rescan(device_id))
+
+    async def test_write(
+        self, *, device_id: str, controls: Mapping[str, float], duration_s: float
+    ) -> TestWriteView:
+        try:
+            body = OverrideControls.model_validate(dict(controls))
+        except ValidationError as exc:
+            allowed = ", ".join(OverrideControls.model_fields)
+            first = exc.errors()[0]
+            raise SourceError(
+                "bad_request", f"{first['loc'][0]}: {first['msg']} (controls: {allowed})"
+            ) from None
+        result = await self._call(
+            lambda api: api.test_write(
+                device_id, body, duration_s=duration_s, reason="console test write", confirm=True
+            )
+        )
+        return TestWriteView(
+            device_id=result.device_id,
+            override_id=result.override_id,
+            written=result.written,
+            ok=result.ok,
+            reason=result.reason,
+            readback=tuple(sorted(result.readback.items())),
+        )
 
     async def read_point(self, device_id: str, point: str) -> PointRead:
         result = await self._call(lambda api: api.read_point(device_id, point))

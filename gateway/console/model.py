@@ -19,6 +19,7 @@ __all__ = [
     "OverrideView",
     "PointRead",
     "PointValue",
+    "TestWriteView",
     "UplinkView",
     "ValidationView",
 ]
@@ -132,6 +133,18 @@ class PointRead:
     unit: str = ""
     quality: str = "GOOD"
     age_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TestWriteView:
+    """A commissioning write: a short device override, and what the device read back."""
+
+    device_id: str
+    override_id: str
+    written: bool  # the control loop wrote the device (else nothing changed)
+    ok: bool  # verified by read-back
+    reason: str = ""
+    readback: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

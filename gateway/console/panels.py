@@ -15,6 +15,7 @@ from gateway.console.model import (
     HeaderView,
     OutboxView,
     PointRead,
+    TestWriteView,
     UplinkView,
     ValidationView,
 )
@@ -169,6 +170,23 @@ def point_read_text(read: PointRead) -> Text:
         text.append(f" [{read.quality}]", style="bold yellow")
     if read.age_s is not None:
         text.append(f" ({fmt_age(read.age_s)})")
+    return text
+
+
+def test_write_text(result: TestWriteView) -> Text:
+    if not result.written:
+        return Text(
+            f"test write {result.device_id} ({result.override_id}): nothing written: "
+            f"{result.reason}",
+            style="bold yellow",
+        )
+    verdict = "verified" if result.ok else f"NOT verified: {result.reason}"
+    text = Text(
+        f"test write {result.device_id} ({result.override_id}): {verdict}\n",
+        style="bold" if result.ok else "bold red",
+    )
+    for name, value in result.readback:
+        text.append(f"  read back {name} = {value:g}\n")
     return text
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from gateway.console.model import ConsoleSnapshot, PointRead, ValidationView
+from gateway.console.model import ConsoleSnapshot, PointRead, TestWriteView, ValidationView
 
 __all__ = ["DataSource", "SourceError"]
 
@@ -45,6 +45,10 @@ class DataSource(Protocol):
     async def clear_override(self, override_id: str) -> None: ...
 
     async def rescan(self, device_id: str) -> None: ...
+
+    async def test_write(
+        self, *, device_id: str, controls: Mapping[str, float], duration_s: float
+    ) -> TestWriteView: ...
 
     async def read_point(self, device_id: str, point: str) -> PointRead: ...
 

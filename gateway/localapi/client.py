@@ -27,6 +27,7 @@ from gateway.localapi.schema import (
     RescanResult,
     Response,
     Snapshot,
+    TestWriteResult,
     ValidateConfigResult,
 )
 
@@ -139,6 +140,29 @@ class LocalApiClient:
         if device_id is not None:
             params["device_id"] = device_id
         return OverrideSetResult.model_validate(await self.call("override.set", params))
+
+    async def test_write(
+        self,
+        device_id: str,
+        controls: OverrideControls | dict[str, Any],
+        *,
+        duration_s: float = 30.0,
+        reason: str = "test write",
+        confirm: bool = False,
+    ) -> TestWriteResult:
+        body = (
+            controls.model_dump(exclude_none=True)
+            if isinstance(controls, OverrideControls)
+            else controls
+        )
+        params: dict[str, Any] = {
+            "device_id": device_id,
+            "controls": body,
+            "duration_s": duration_s,
+            "reason": reason,
+            "confirm": confirm,
+        }
+        return TestWriteResult.model_validate(await self.call("test_write", params))
 
     async def override_clear(self, override_id: str) -> OverrideClearResult:
         result = await self.call("override.clear", {"override_id": override_id})

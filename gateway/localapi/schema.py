@@ -39,6 +39,8 @@ __all__ = [
     "Response",
     "SetpointStatus",
     "Snapshot",
+    "TestWriteParams",
+    "TestWriteResult",
     "UplinkStatus",
     "ValidateConfigParams",
     "ValidateConfigResult",
@@ -46,6 +48,8 @@ __all__ = [
 
 # A request line (JSON text plus newline) longer than this is refused before it is decoded.
 MAX_LINE_BYTES = 64 * 1024
+# A test write is a short override: it reverts on its own.
+MAX_TEST_WRITE_S = 300.0
 
 ErrorCode = Literal["bad_request", "not_found", "refused", "forbidden", "internal"]
 
@@ -250,6 +254,28 @@ class OverrideClearParams(_Model):
 class OverrideClearResult(_Model):
     override_id: str
     cleared: bool
+
+
+class TestWriteParams(_Model):
+    """A commissioning write to one device: a short device override (through the safety
+    kernel and the audit log like any override), reported with the driver's read-back."""
+
+    device_id: str
+    controls: OverrideControls
+    duration_s: float = Field(default=30.0, gt=0.0, le=MAX_TEST_WRITE_S)
+    reason: str = "test write"
+    confirm: bool = False
+
+
+class TestWriteResult(_Model):
+    override_id: str
+    device_id: str
+    expires_in_s: float
+    written: bool  # the control loop wrote the device within the wait (else: nothing changed)
+    ok: bool  # the driver verified the write by read-back
+    reason: str  # why not ok, or why nothing was written
+    readback: dict[str, float]
+    enforced: SetpointStatus | None  # what the kernel made of it for this device
 
 
 class RescanParams(_Model):

@@ -40,6 +40,8 @@ from gateway.localapi.schema import (
     Request,
     RescanParams,
     RescanResult,
+    TestWriteParams,
+    TestWriteResult,
     ValidateConfigParams,
     ValidateConfigResult,
 )
@@ -63,6 +65,8 @@ NS_PER_S = 1_000_000_000
 SOCKET_MODE = 0o660
 # How long override.set waits for the control loop's next cycle to report what it enforces.
 ENFORCEMENT_WAIT_S = 2.0
+# How long test_write waits for the control loop to write the device (a cycle plus the write).
+TEST_WRITE_WAIT_S = 5.0
 # Loggers whose records (INFO and up) feed the snapshot's recent events.
 EVENT_LOGGERS = ("gateway", "drivers")
 
@@ -142,6 +146,7 @@ class LocalApiServer:
             "snapshot": self._snapshot,
             "override.set": self._override_set,
             "override.clear": self._override_clear,
+            "test_write": self._test_write,
             "rescan": self._rescan,
             "read_point": self._read_point,
             "validate_config": self._validate_config,
@@ -298,8 +303,11 @@ class LocalApiServer:
         stats = await asyncio.to_thread(self._gw.outbox.stats)
         return render_metrics(self._gw, stats=stats, started_mono_ns=self._started_mono_ns)
 
-    async def _override_set(self, params: dict[str, Any], user: str) -> Any:
-        request = _params(OverrideSetParams, params)
+    async def _add_override(
+        self, request: OverrideSetParams | TestWriteParams, user: str
+    ) -> tuple[str, Controls, int]:
+        """Validate and apply an override (kernel and audit log); (override id, controls, the
+        control loop's cycle count before it)."""
         if not request.confirm:
             raise ApiError(
                 "refused",
@@ -322,23 +330,33 @@ class LocalApiServer:
         self._reasons = {k: v for k, v in self._reasons.items() if k in in_force}
         self._reasons[override.override_id] = request.reason
         await self._gw.audit.commit()  # recorded before we say it is in force
-        # What the kernel makes of it: its next cycle (woken by add_override).
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ENFORCEMENT_WAIT_S
+        return override.override_id, controls, begun
+
+    async def _wait(self, done: Callable[[], bool], wait_s: float) -> None:
         # Polled: the control loop has no completion event, and adding one for us is not worth
         # touching its hot path.
-        while control.cycle_completed <= begun and loop.time() < deadline:  # noqa: ASYNC110
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while not done() and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        timed = {t.override.override_id: t for t in control.timed_overrides()}
-        now_mono = self._gw.clock.mono_ns()
-        entry = timed.get(override.override_id)
-        expires_in_s = (
-            max(0.0, (entry.expires_mono_ns - now_mono) / NS_PER_S) if entry is not None else 0.0
-        )
+
+    def _expires_in_s(self, override_id: str) -> float:
+        timed = {t.override.override_id: t for t in self._gw.control.timed_overrides()}
+        entry = timed.get(override_id)
+        if entry is None:
+            return 0.0
+        return max(0.0, (entry.expires_mono_ns - self._gw.clock.mono_ns()) / NS_PER_S)
+
+    async def _override_set(self, params: dict[str, Any], user: str) -> Any:
+        request = _params(OverrideSetParams, params)
+        override_id, controls, begun = await self._add_override(request, user)
+        control = self._gw.control
+        # What the kernel makes of it: its next cycle (woken by add_override).
+        await self._wait(lambda: control.cycle_completed > begun, ENFORCEMENT_WAIT_S)
         return OverrideSetResult(
-            override_id=override.override_id,
-            origin=origin,
-            expires_in_s=expires_in_s,
+            override_id=override_id,
+            origin=f"local:{user}",
+            expires_in_s=self._expires_in_s(override_id),
             controls=controls.describe(),
             enforced=(
                 [setpoint_status(sp) for sp in control.last_setpoints]
@@ -346,6 +364,39 @@ class LocalApiServer:
                 else []
             ),
             notes=list(control.notes),
+        ).model_dump(mode="json")
+
+    async def _test_write(self, params: dict[str, Any], user: str) -> Any:
+        request = _params(TestWriteParams, params)
+        self._device(request.device_id)
+        control = self._gw.control
+        before = control.last_write(request.device_id)
+        override_id, _, _ = await self._add_override(request, user)
+
+        def written() -> bool:
+            last = control.last_write(request.device_id)
+            return last is not None and (before is None or last.mono_ns > before.mono_ns)
+
+        await self._wait(written, TEST_WRITE_WAIT_S)
+        last = control.last_write(request.device_id)
+        enforced = next(
+            (sp for sp in control.last_setpoints if sp.device_id == request.device_id), None
+        )
+        fresh = written()
+        return TestWriteResult(
+            override_id=override_id,
+            device_id=request.device_id,
+            expires_in_s=self._expires_in_s(override_id),
+            written=fresh,
+            ok=bool(fresh and last is not None and last.ok),
+            reason=(
+                (last.reason if last is not None else "")
+                if fresh
+                else f"nothing written within {TEST_WRITE_WAIT_S:g} s: the kernel's setpoint "
+                "for the device did not change (or the device is unavailable)"
+            ),
+            readback=dict(last.readback) if fresh and last is not None else {},
+            enforced=setpoint_status(enforced) if enforced is not None else None,
         ).model_dump(mode="json")
 
     async def _override_clear(self, params: dict[str, Any], user: str) -> Any:

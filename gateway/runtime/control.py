@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from drivers.contract import DeviceKind, Driver, WriteResult
 from gateway.audit import AuditLog
@@ -63,7 +63,7 @@ from gateway.wire import (
     reported_state_payload,
 )
 
-__all__ = ["ControlLoop"]
+__all__ = ["ControlLoop", "LastWrite"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,18 @@ class _Written:
     generation: int
     ok: bool
     reason: str
+    readback: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LastWrite:
+    """The newest write the loop issued to one device, as the driver verified it."""
+
+    setpoint: SafeSetpoint
+    mono_ns: int
+    ok: bool
+    reason: str
+    readback: Mapping[str, float]
 
 
 def _material_change(old: SafeSetpoint, new: SafeSetpoint, rating_w: float) -> bool:
@@ -500,7 +512,12 @@ class ControlLoop:
         results = await self._write_all(to_write)
         for setpoint, result in zip(to_write, results, strict=True):
             self._written[setpoint.device_id] = _Written(
-                setpoint, now_mono, self._generation, result.ok, result.reason or ""
+                setpoint,
+                now_mono,
+                self._generation,
+                result.ok,
+                result.reason or "",
+                dict(result.readback),
             )
             if not result.ok:
                 log.warning("write %s failed: %s", setpoint.device_id, result.reason)
@@ -562,6 +579,15 @@ class ControlLoop:
     @property
     def interlocks(self) -> tuple[Interlock, ...]:
         return self._interlocks
+
+    def last_write(self, device_id: str) -> LastWrite | None:
+        """The newest write issued to `device_id` (None: never written)."""
+        written = self._written.get(device_id)
+        if written is None:
+            return None
+        return LastWrite(
+            written.setpoint, written.mono_ns, written.ok, written.reason, written.readback
+        )
 
     def timed_overrides(self) -> tuple[TimedOverride, ...]:
         """The overrides in force with their expiry (monotonic ns)."""

@@ -178,7 +178,12 @@ async def test_read_only_refuses_every_write_action() -> None:
     app = console_app(source)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        for key, what in (("o", "an override"), ("x", "clearing"), ("s", "a re-scan")):
+        for key, what in (
+            ("o", "an override"),
+            ("x", "clearing"),
+            ("s", "a re-scan"),
+            ("t", "a test write"),
+        ):
             await pilot.press(key)
             await pilot.pause()
             assert type(app.screen).__name__ == "Screen"  # no form, no confirm
@@ -307,6 +312,30 @@ async def test_read_a_point_and_validate_a_config() -> None:
         tools = text_of(app, "#tools-body")
         assert "bad.toml: INVALID" in tools
         assert "export_limit_w: must be >= 0" in tools
+
+
+async def test_test_write_is_confirmed_and_shows_the_read_back() -> None:
+    source = FixedSource()
+    app = console_app(source, writes=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("t")
+        await pilot.pause()
+        await fill_form(pilot, device_id="pv1", controls="max_gen_pct=40", duration_s="30")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await pilot.pause()
+        assert "test_write" in source.requests
+        assert app.query_one(TabbedContent).active == "tools"
+        tools = text_of(app, "#tools-body")
+        assert "test write pv1 (ov-1): verified" in tools
+        assert "read back WMaxLimPct = 40" in tools
+
+        await pilot.press("t")
+        await pilot.pause()
+        await fill_form(pilot, device_id="pv1", controls="max_gen_pct=40", duration_s="900")
+        assert isinstance(app.screen, FormScreen)  # refused by the form: reverts within 300 s
+        await pilot.press("escape")
+        await pilot.pause()
 
 
 # -- snapshots ------------------------------------------------------------------------------------

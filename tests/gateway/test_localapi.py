@@ -382,3 +382,31 @@ async def test_disabled_local_api_opens_no_socket(tmp_path: Path) -> None:
     raw["local_api"] = {"enabled": False}
     app = Gateway(GatewayConfig.model_validate(raw))
     assert app.local_api is None
+
+
+async def test_test_write_is_a_short_audited_override_reported_with_its_read_back(
+    api: LocalApiClient, gateway: Running, tmp_path: Path
+) -> None:
+    with pytest.raises(LocalApiError) as caught:
+        await api.test_write("pv1", {"max_gen_pct": 20})  # no confirm
+    assert caught.value.code == "refused"
+    with pytest.raises(LocalApiError) as caught:
+        await api.test_write("nope", {"max_gen_pct": 20}, confirm=True)
+    assert caught.value.code == "not_found"
+
+    result = await api.test_write("pv1", {"max_gen_pct": 20}, duration_s=2.0, confirm=True)
+    assert result.written, result.reason
+    assert result.ok, result.reason
+    assert result.enforced is not None
+    assert result.enforced.max_active_power_w == pytest.approx(2000)
+    assert 0 < result.expires_in_s <= 2.0
+    last = gateway.app.control.last_write("pv1")
+    assert last is not None
+    assert dict(last.readback) == result.readback
+    assert any(
+        r.kind == AuditKind.OVERRIDE_SET and r.subject == result.override_id
+        for r in read_records(tmp_path / "s" / "audit.db")
+    )
+    await async_wait_until(
+        lambda: gateway.app.control.timed_overrides() == (), timeout_s=5, what="the revert"
+    )
