@@ -577,13 +577,20 @@ class AuditLog:
         )
 
     def override_set(
-        self, override_id: str, *, origin: str, scope: str, duration_s: float, controls: str
+        self,
+        override_id: str,
+        *,
+        origin: str,
+        scope: str,
+        duration_s: float,
+        controls: str,
+        reason: str = "",
     ) -> None:
         self.append(
             AuditKind.OVERRIDE_SET,
             origin,
             override_id,
-            {"scope": scope, "duration_s": duration_s, "controls": controls},
+            {"scope": scope, "duration_s": duration_s, "controls": controls, "reason": reason},
         )
 
     def override_cleared(self, override_id: str, *, origin: str, reason: str) -> None:

@@ -321,7 +321,11 @@ class LocalApiServer:
         begun = control.cycles_begun
         try:
             override = control.add_override(
-                controls, origin=origin, duration_s=request.duration_s, device_id=request.device_id
+                controls,
+                origin=origin,
+                duration_s=request.duration_s,
+                device_id=request.device_id,
+                reason=request.reason,
             )
         except OverrideError as exc:
             raise ApiError("refused", str(exc)) from None

@@ -280,10 +280,12 @@ class ControlLoop:
         origin: str,
         duration_s: float,
         device_id: str | None = None,
+        reason: str = "",
     ) -> Override:
         """Apply `controls` locally for `duration_s`, above events, through the safety kernel.
 
-        Raises OverrideError (nothing changes) for an invalid request. Recorded with its origin.
+        Raises OverrideError (nothing changes) for an invalid request. Recorded (audit log) with
+        its origin and the reason given.
         """
         timed = self.overrides.add(
             controls,
@@ -310,6 +312,7 @@ class ControlLoop:
                 scope=scope,
                 duration_s=duration_s,
                 controls=controls.describe(),
+                reason=reason,
             )
         self._wake.set()
         return override

@@ -200,6 +200,7 @@ async def test_override_applies_is_audited_and_expires(
     ]
     assert record.origin == f"local:{USER}"
     assert "max_gen_pct=10" in record.detail
+    assert '"reason":"commissioning"' in record.detail.replace(" ", "")
 
     await async_wait_until(
         lambda: gateway.app.control.timed_overrides() == (), timeout_s=5, what="expiry"
