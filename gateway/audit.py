@@ -681,8 +681,11 @@ class AuditLog:
                 return False
             if not running:
                 self._inflight = asyncio.ensure_future(asyncio.to_thread(self.flush))
-            assert self._inflight is not None
-            done, _ = await asyncio.wait({self._inflight}, timeout=max(0.0, deadline - loop.time()))
+            # Our own reference: another caller (the control loop and the local API both commit)
+            # may start the next transaction in `_inflight` while we wait on this one.
+            inflight = self._inflight
+            assert inflight is not None
+            done, _ = await asyncio.wait({inflight}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self._stalled = True
                 log.warning(
@@ -692,7 +695,7 @@ class AuditLog:
                 )
                 return False
             self._stalled = False
-            if not self._inflight.result():
+            if not inflight.result():
                 return False
         return True
 

@@ -5,6 +5,7 @@ the control loop's records of its writes and overrides.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -726,3 +727,33 @@ def test_the_headend_shows_the_anchored_head() -> None:
     assert parse_anchor(f"{out.audit_head_seq}:{out.audit_head_hash}") == AuditHead(42, digest)
     empty = ReportedStateOut.of(ReportedStateRecord("gw", 10, pb.ReportedState()))
     assert (empty.audit_head_seq, empty.audit_head_hash) == (0, "")
+
+
+async def test_concurrent_commits_each_wait_on_their_own_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by the console's live test: the control loop and the local API commit while a
+    # transaction is in flight; the first to wake started the next transaction and the other
+    # read that one's result before it was set (InvalidStateError).
+    path = tmp_path / "audit.db"
+    with AuditLog(path, clock=ManualClock(wall_ns=T0)) as audit:
+        flush = audit.flush
+
+        def slow_flush() -> bool:
+            committed = flush()
+            time.sleep(0.05)  # a slow fsync: later records and commits arrive meanwhile
+            return committed
+
+        monkeypatch.setattr(audit, "flush", slow_flush)
+        for version in range(1, 31, 3):
+            audit.intent(version, True, "headend")
+            first = asyncio.create_task(audit.commit())
+            await asyncio.sleep(0.01)  # its transaction is now running on the worker thread
+            audit.intent(version + 1, False, "uplink (unverified)", "replayed")
+            second = asyncio.create_task(audit.commit())
+            await asyncio.sleep(0)
+            audit.intent(version + 2, True, "headend")
+            third = asyncio.create_task(audit.commit())
+            assert await asyncio.gather(first, second, third) == [True, True, True]
+        assert audit.head().seq == 30
+    assert verify_file(path).ok
