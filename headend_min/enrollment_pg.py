@@ -7,26 +7,17 @@ them: `mark_token_used` is one conditional UPDATE (`... AND used_at_ns IS NULL`,
 won), which keeps a token one-time across instances, and revocations are rows every instance
 reads at connect and renewal.
 
-Connections as in `pg_store`: psycopg 3 async, a small autocommit pool, writes that span rows
-in explicit transactions. Errors are raised as `store.StoreError`.
+Connections are `pg_store.PooledStore`'s: psycopg 3 async, a small autocommit pool, writes that
+span rows in explicit transactions. Errors are raised as `store.StoreError`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
-
-import psycopg
-from psycopg_pool import AsyncConnectionPool
-
 from headend_min.enrollment import EnrollmentToken, IssuedCertificate
-from headend_min.pg_store import describe_url
-from headend_min.store import StoreError
+from headend_min.pg_store import PooledStore, open_pool
 
 __all__ = ["PgEnrollmentStore"]
 
-_Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS enrollment_tokens (
@@ -69,35 +60,16 @@ _CERT_FROM = (
 )
 
 
-class PgEnrollmentStore:
+class PgEnrollmentStore(PooledStore):
     """Construct with `await PgEnrollmentStore.open(url)` (the headend's --db URL)."""
-
-    def __init__(self, url: str, pool: AsyncConnectionPool[_Conn]) -> None:
-        self._pool = pool
-        self._where = describe_url(url)
-        self._closed = False
 
     @classmethod
     async def open(
         cls, url: str, *, max_size: int = 4, timeout_s: float = 5.0
     ) -> PgEnrollmentStore:
-        where = describe_url(url)
-        pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
-            url,
-            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
-            min_size=1,
-            max_size=max_size,
-            timeout=timeout_s,
-            check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=2.0,
-            name="dergw-enrollment",
-            open=False,
+        pool = await open_pool(
+            url, name="dergw-enrollment", min_size=1, max_size=max_size, timeout_s=timeout_s
         )
-        try:
-            await pool.open(wait=True, timeout=timeout_s + 5.0)
-        except psycopg.Error as exc:
-            await pool.close()
-            raise StoreError(f"cannot open a connection pool to {where}: {exc}") from exc
         store = cls(url, pool)
         try:
             async with store._transaction() as conn:
@@ -108,37 +80,6 @@ class PgEnrollmentStore:
             await store.close()
             raise
         return store
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._pool.close()
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Conn]:
-        if self._closed:
-            raise StoreError("the enrollment store is closed")
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except psycopg.Error as exc:
-            raise StoreError(f"{self._where}: {exc}") from exc
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_Conn]:
-        async with self._connection() as conn, conn.transaction():
-            yield conn
-
-    async def _fetchall(self, query: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        async with self._connection() as conn:
-            cursor = await conn.execute(query, params)
-            return await cursor.fetchall()
-
-    async def _execute(self, query: str, params: Sequence[object]) -> int:
-        async with self._connection() as conn:
-            cursor = await conn.execute(query, params)
-            return cursor.rowcount
 
     # -- EnrollmentStore ---------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ from headend_min.store import (
     UnknownSiteError,
 )
 
-__all__ = ["INTENT_CHANNEL", "PgStore", "describe_url"]
+__all__ = ["INTENT_CHANNEL", "PgStore", "PooledStore", "describe_url", "open_pool"]
 
 _log = logging.getLogger(__name__)
 
@@ -249,14 +249,89 @@ class _DuplicateOnCopyError(Exception):
     """COPY met a row already stored: the caller retries the batch on the ON CONFLICT path."""
 
 
-class PgStore:
-    """`Store` on PostgreSQL; construct with `await PgStore.open(url)`."""
+async def open_pool(
+    url: str, *, name: str, min_size: int, max_size: int, timeout_s: float
+) -> AsyncConnectionPool[_Conn]:
+    """An open connection pool to `url` (StoreError when the database cannot be reached).
+
+    `timeout_s` bounds how long an operation waits for a pool connection: while the database is
+    unreachable, store calls fail with StoreError after that long instead of piling up.
+    """
+    pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
+        url,
+        kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout_s,
+        # A pooled connection that died while idle (database restart) is replaced before use
+        # instead of failing the operation that drew it.
+        check=AsyncConnectionPool.check_connection,
+        # The pool retries a lost connection with exponential backoff until this timeout, then
+        # gives the slot up and grows again on the next demand with a fresh attempt. A short
+        # timeout keeps the backoff short, so once the database is back the next operation
+        # connects within ~2 s, however long the outage was.
+        reconnect_timeout=2.0,
+        name=name,
+        open=False,
+    )
+    try:
+        await pool.open(wait=True, timeout=timeout_s + 5.0)
+    except psycopg.Error as exc:
+        await pool.close()
+        raise StoreError(f"cannot open a connection pool to {describe_url(url)}: {exc}") from exc
+    return pool
+
+
+class PooledStore:
+    """Connection plumbing of the headend's PostgreSQL stores: database errors become
+    StoreError naming the database (never its password)."""
 
     def __init__(self, url: str, pool: AsyncConnectionPool[_Conn]) -> None:
         self._url = url
         self._pool = pool
         self._where = describe_url(url)
         self._closed = False
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[_Conn]:
+        if self._closed:
+            raise StoreError("the store is closed")
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"{self._where}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[_Conn]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    async def _fetchall(self, query: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        async with self._connection() as conn:
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchall()
+
+    async def _fetchone(self, query: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        async with self._connection() as conn:
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchone()
+
+    async def _execute(self, query: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; the number of rows it affected."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(query, params)
+            return cursor.rowcount
+
+
+class PgStore(PooledStore):
+    """`Store` on PostgreSQL; construct with `await PgStore.open(url)`."""
 
     @classmethod
     async def open(
@@ -285,66 +360,14 @@ class PgStore:
                 await migrate(conn)
         except psycopg.Error as exc:
             raise StoreError(f"cannot migrate {where}: {exc}") from exc
-        pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
-            url,
-            kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout_s,
-            # A pooled connection that died while idle (database restart) is replaced before
-            # use instead of failing the operation that drew it.
-            check=AsyncConnectionPool.check_connection,
-            # The pool retries a lost connection with exponential backoff until this timeout,
-            # then gives the slot up and grows again on the next demand with a fresh attempt.
-            # A short timeout keeps the backoff short, so once the database is back the next
-            # operation connects within ~2 s, however long the outage was.
-            reconnect_timeout=2.0,
-            name="dergw-headend",
-            open=False,
+        pool = await open_pool(
+            url, name="dergw-headend", min_size=min_size, max_size=max_size, timeout_s=timeout_s
         )
-        try:
-            await pool.open(wait=True, timeout=timeout_s + 5.0)
-        except psycopg.Error as exc:
-            await pool.close()
-            raise StoreError(f"cannot open a connection pool to {where}: {exc}") from exc
         return cls(url, pool)
 
     @property
     def url(self) -> str:
         return self._url
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self._pool.close()
-
-    # -- plumbing -------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Conn]:
-        if self._closed:
-            raise StoreError("the store is closed")
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except psycopg.Error as exc:
-            raise StoreError(f"{self._where}: {exc}") from exc
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_Conn]:
-        async with self._connection() as conn, conn.transaction():
-            yield conn
-
-    async def _fetchall(self, query: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        async with self._connection() as conn:
-            cursor = await conn.execute(query, params)
-            return await cursor.fetchall()
-
-    async def _fetchone(self, query: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
-        async with self._connection() as conn:
-            cursor = await conn.execute(query, params)
-            return await cursor.fetchone()
 
     async def notify_intent(self, site_id: str, version: int) -> None:
         """NOTIFY every instance's listener (pg_notify) that `site_id` has `version`."""

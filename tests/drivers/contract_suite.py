@@ -45,9 +45,9 @@ class DriverCase:
     kind: DeviceKind
     make_silent: Hook  # the device stops answering (or its server goes away)
     restore: Hook  # the device answers again (a restart)
+    make_malformed: Hook  # answers that break the protocol (every simulator can send them)
     # Points the driver must report under their canonical names (as the SunSpec driver does).
     expect_points: tuple[str, ...] = ("W",)
-    make_malformed: Hook | None = None  # answers that break the protocol, if the stack allows
     rating_w: float = 10_000.0
     read_timeout_s: float = 5.0  # a read of a silent device returns within this
     recovery_timeout_s: float = 15.0
@@ -147,8 +147,6 @@ async def test_contract_recovers_after_restart(driver_case: DriverCase) -> None:
 
 
 async def test_contract_malformed_answer_is_an_error(driver_case: DriverCase) -> None:
-    if driver_case.make_malformed is None:
-        pytest.skip("this protocol's simulator cannot send malformed answers")
     driver = driver_case.driver
     await driver.connect()
     failures = driver.health().total_failures

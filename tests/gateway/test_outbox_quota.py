@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from gateway.outbox import (
     RecordKind,
     storage_condition,
 )
+from tests.support import REQUIRE_SERVICES, require_binary
 
 SAMPLE = int(RecordKind.SAMPLE)
 GAP = int(RecordKind.GAP)
@@ -616,9 +616,7 @@ _REAL_STORAGE_CHILD = textwrap.dedent(
 def test_real_disk_full_and_read_only_file_system(tmp_path: Path) -> None:
     """Real: a 2 MiB tmpfs in a private mount namespace (`unshare`), filled to the last block,
     then remounted read-only. Skips where mount namespaces are not available."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs unshare(1) for a private tmpfs")
+    unshare = require_binary("unshare", "a private tmpfs to fill and remount read-only")
     mount = tmp_path / "mnt"
     mount.mkdir()
     script = tmp_path / "child.py"
@@ -636,7 +634,10 @@ def test_real_disk_full_and_read_only_file_system(tmp_path: Path) -> None:
         [*args[:-1], "mount -t tmpfs tmpfs " + str(mount)], capture_output=True, check=False
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.decode().strip()}")
+        message = f"cannot mount a private tmpfs here: {probe.stderr.decode().strip()}"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{message}; DERGW_REQUIRE_SERVICES=1 makes this a failure")
+        pytest.skip(message)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env, check=False)
     assert result.returncode == 0, result.stderr
