@@ -1,61 +1,68 @@
-"""Read latency and points/s of the OPC UA driver against the OPC UA battery simulator (loopback).
+"""Benchmark `driver-opcua`: read latency and points/s of the OPC UA driver against the OPC UA
+battery simulator on loopback (Basic256Sha256 SignAndEncrypt). No budget.
 
 `read()` serves the subscription cache, so its latency is the driver's own cost; the second
 figure is the end-to-end freshness path: a one-shot Read of every point over the secure channel
-(what a polling client would pay per read). Usage: .venv/bin/python bench/driver_opcua.py [N]
+(what a polling client would pay per read). 2,000 cached reads and 200 one-shot Reads (quick:
+200 and 50).
+
+    dergw bench driver-opcua [--quick]
 """
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
+from bench.core import BenchOptions, Figure, latency_figure
 from drivers.contract import DeviceKind
 from drivers.opcua.driver import OpcUaDriver, OpcUaParams
 from gateway.clock import SystemClock
 from hil.opcua_sim import OpcUaBatterySim, make_self_signed
 
-
-def _report(label: str, samples: list[float], points: int) -> None:
-    arr = np.array(samples) * 1e6
-    total_s = sum(samples)
-    print(
-        f"{label}: n={len(samples)} p50={np.percentile(arr, 50):.1f} us "
-        f"p99={np.percentile(arr, 99):.1f} us points/s={points * len(samples) / total_s:,.0f}"
-    )
+BENCH = "driver-opcua"
 
 
-async def main(n: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="dergw-bench-opcua-"))
-    async with OpcUaBatterySim(cert_dir=tmp / "server") as sim:
-        cert, key = make_self_signed(tmp / "client", "gw", "urn:dergw:gateway", server=False)
-        params = OpcUaParams(url=sim.url, root="Battery1", client_cert=cert, client_key=key)
-        driver = OpcUaDriver("bat1", DeviceKind.BATTERY, params, SystemClock())
-        info = await driver.connect()
-        points = len(info.schema)
-        cached: list[float] = []
-        for _ in range(n):
-            t = time.perf_counter()
-            r = await driver.read()
-            cached.append(time.perf_counter() - t)
-            assert r.ok, r.error
-        session = driver._session
-        assert session is not None
-        polled: list[float] = []
-        for _ in range(max(n // 10, 50)):
-            t = time.perf_counter()
-            await session.client.read_attributes(session.nodes)
-            polled.append(time.perf_counter() - t)
-        await driver.close()
-    print(f"OPC UA Basic256Sha256 SignAndEncrypt, {points} points, loopback")
-    _report("read() from subscription cache", cached, points)
-    _report("one-shot Read of all points (secure)", polled, points)
+def _figures(label: str, samples: list[float], points: int, unit: str) -> list[Figure]:
+    rate = points * len(samples) / sum(samples)
+    note = f"n={len(samples)}, {points} points"
+    return [
+        latency_figure(BENCH, label, samples, unit=unit, note=note),
+        Figure(BENCH, f"{label}, points/s", rate, "points/s", note=f"n={len(samples)}"),
+    ]
 
 
-if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000))
+async def run(options: BenchOptions) -> list[Figure]:
+    reads = 200 if options.quick else 2000
+    with tempfile.TemporaryDirectory(prefix="dergw-bench-opcua-", dir=options.workdir) as tmp:
+        base = Path(tmp)
+        async with OpcUaBatterySim(cert_dir=base / "server") as sim:
+            cert, key = make_self_signed(base / "client", "gw", "urn:dergw:gateway", server=False)
+            params = OpcUaParams(url=sim.url, root="Battery1", client_cert=cert, client_key=key)
+            driver = OpcUaDriver("bat1", DeviceKind.BATTERY, params, SystemClock())
+            try:
+                info = await driver.connect()
+                points = len(info.schema)
+                cached: list[float] = []
+                for _ in range(reads):
+                    started = time.perf_counter()
+                    reading = await driver.read()
+                    cached.append(time.perf_counter() - started)
+                    if not reading.ok:
+                        raise RuntimeError(f"OPC UA read failed: {reading.error}")
+                # The secure session the driver holds, read directly: the one-shot path.
+                session = driver._session
+                if session is None:
+                    raise RuntimeError("the OPC UA driver has no session after connect")
+                polled: list[float] = []
+                for _ in range(max(reads // 10, 50)):
+                    started = time.perf_counter()
+                    await session.client.read_attributes(session.nodes)
+                    polled.append(time.perf_counter() - started)
+            finally:
+                await driver.close()
+    return [
+        *_figures("read() from the subscription cache", cached, points, "µs"),
+        *_figures("one-shot Read of all points, secure", polled, points, "ms"),
+    ]

@@ -1,19 +1,19 @@
-"""Read latency (p50/p99) and points/s of the SunSpec driver over Modbus RTU on a socat pty.
-
-    .venv/bin/python bench/driver_rtu.py [--reads 300]
+"""Benchmark `driver-rtu`: read latency and points/s of the SunSpec driver over Modbus RTU on a
+socat pty. No budget.
 
 One PV inverter (1/103/120/121/123) alone, then PV + meter polled concurrently on one bus. The
 pty moves bytes at process speed: the figures measure the stack (pymodbus RTU framing, bus
-lock, t3.5 pacing at 115200 baud), not a real line's baud rate.
+lock, t3.5 pacing at 115200 baud), not a real line's baud rate. 300 reads per device (quick: 30).
+
+    dergw bench driver-rtu [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import statistics
 import time
 
+from bench.core import BenchOptions, Figure, latency_figure
 from drivers.contract import DeviceKind
 from drivers.sunspec.driver import SunSpecModbusDriver, SunSpecModbusParams
 from gateway.clock import SystemClock
@@ -21,6 +21,8 @@ from hil.rtu_sim import RtuSiteSimulator
 from hil.server import SiteSimulator
 from hil.site import parse_site
 
+BENCH = "driver-rtu"
+BAUD = 115200
 SITE = """
 name = "bench-rtu"
 [[devices]]
@@ -36,26 +38,25 @@ unit_id = 4
 """
 
 
-def pct(xs: list[float], q: float) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
-
-
-async def poll(drv: SunSpecModbusDriver, n: int) -> tuple[list[float], int]:
-    lat: list[float] = []
+async def _poll(driver: SunSpecModbusDriver, n: int) -> tuple[list[float], int]:
+    latencies: list[float] = []
     points = 0
     for _ in range(n):
-        t = time.perf_counter()
-        r = await drv.read()
-        lat.append((time.perf_counter() - t) * 1000)
-        assert r.ok, r.error
-        points += len(r.schema)
-    return lat, points
+        started = time.perf_counter()
+        reading = await driver.read()
+        latencies.append(time.perf_counter() - started)
+        if not reading.ok:
+            raise RuntimeError(f"RTU read of {driver.device_id} failed: {reading.error}")
+        points += len(reading.schema)
+    return latencies, points
 
 
-async def main(reads: int) -> None:
+async def run(options: BenchOptions) -> list[Figure]:
+    reads = 30 if options.quick else 300
+    figures: list[Figure] = []
     async with (
         SiteSimulator(parse_site(SITE)) as sim,
-        RtuSiteSimulator(sim, baudrate=115200) as rtu,
+        RtuSiteSimulator(sim, baudrate=BAUD) as rtu,
     ):
         drivers = {
             d: SunSpecModbusDriver(
@@ -64,7 +65,7 @@ async def main(reads: int) -> None:
                 SunSpecModbusParams(
                     transport="rtu",
                     serial_port=rtu.client_port,
-                    baudrate=115200,
+                    baudrate=BAUD,
                     unit_id=rtu.unit_ids[d],
                     timeout_s=1.0,
                 ),
@@ -72,29 +73,29 @@ async def main(reads: int) -> None:
             )
             for d in ("pv1", "meter1")
         }
-        for drv in drivers.values():
-            await drv.connect()
-        t0 = time.perf_counter()
-        lat, points = await poll(drivers["pv1"], reads)
-        wall = time.perf_counter() - t0
-        print(
-            f"rtu pv alone: p50 {statistics.median(lat):.2f} ms  p99 {pct(lat, 0.99):.2f} ms  "
-            f"{points / wall:.0f} points/s"
-        )
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(poll(d, reads) for d in drivers.values()))
-        wall = time.perf_counter() - t0
-        for name, (lat, _) in zip(drivers, results, strict=True):
-            print(
-                f"rtu shared bus {name}: p50 {statistics.median(lat):.2f} ms"
-                f"  p99 {pct(lat, 0.99):.2f} ms"
-            )
-        print(f"rtu shared bus total: {sum(p for _, p in results) / wall:.0f} points/s")
-        for drv in drivers.values():
-            await drv.close()
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reads", type=int, default=300)
-    asyncio.run(main(ap.parse_args().reads))
+        try:
+            for driver in drivers.values():
+                await driver.connect()
+            started = time.perf_counter()
+            latencies, points = await _poll(drivers["pv1"], reads)
+            wall = time.perf_counter() - started
+            note = f"n={reads}, {BAUD} baud pty"
+            figures += [
+                latency_figure(BENCH, "read, PV alone on the bus", latencies, note=note),
+                Figure(BENCH, "PV alone, points/s", points / wall, "points/s", note=note),
+            ]
+            started = time.perf_counter()
+            results = await asyncio.gather(*(_poll(d, reads) for d in drivers.values()))
+            wall = time.perf_counter() - started
+            for device_id, (latencies, _) in zip(drivers, results, strict=True):
+                figures.append(
+                    latency_figure(
+                        BENCH, f"read, {device_id} on a shared bus", latencies, note=note
+                    )
+                )
+            total = sum(p for _, p in results) / wall
+            figures.append(Figure(BENCH, "shared bus, points/s", total, "points/s", note=note))
+        finally:
+            for driver in drivers.values():
+                await driver.close()
+    return figures

@@ -1,23 +1,21 @@
-"""Benchmark: telemetry round trips through mosquitto (gateway MqttTransport -> broker -> headend
-MqttLink -> SQLite commit -> Ack -> broker -> gateway).
+"""Benchmark `mqtt-round-trip`: telemetry round trips through mosquitto (gateway MqttTransport ->
+broker -> headend MqttLink -> SQLite commit -> Ack -> broker -> gateway). No budget.
 
-Not a test: it prints figures. A private mosquitto on a free port, the headend's GatewaySessions
-on a SQLite file (synchronous=FULL, as the headend runs it), one gateway sending batches of
-`--records` samples with at most `--window` batches unacknowledged (the uplink's
-inflight_batches).
+A private mosquitto on a free port, the headend's GatewaySessions on a SQLite file
+(synchronous=FULL, as the headend runs it), one gateway sending 500 batches (quick: 50) of 100
+samples with at most 1, 4 or 16 batches unacknowledged (the uplink's inflight_batches).
 
-    .venv/bin/python bench/mqtt_round_trip.py [--batches N] [--records N] [--window N]
+    dergw bench mqtt-round-trip [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench.core import BenchOptions, Figure, latency_figure
 from dergw.v1 import pb, timestamp_from_ns
 from gateway.config import MqttUplinkConfig
 from gateway.runtime.mqtt_transport import MqttTransport
@@ -28,7 +26,10 @@ from headend_min.signing import SigningKey
 from headend_min.sqlite_store import SqliteStore
 from hil.mqtt_broker import Mosquitto
 
+BENCH = "mqtt-round-trip"
 GATEWAY = "gw-bench"
+RECORDS = 100  # per batch
+WINDOWS = (1, 4, 16)  # batches in flight
 
 
 def _register() -> pb.UpMessage:
@@ -63,7 +64,7 @@ def _batch(first_seq: int, records: int) -> pb.TelemetryBatch:
     return batch
 
 
-async def _run(directory: Path, batches: int, records: int, window: int) -> None:
+async def _run(directory: Path, batches: int, records: int, window: int) -> list[Figure]:
     broker = Mosquitto(directory / "mosquitto")
     broker.start()
     store = await SqliteStore.open(directory / "headend.sqlite3")
@@ -76,7 +77,8 @@ async def _run(directory: Path, batches: int, records: int, window: int) -> None
         await transport.connect()
         await transport.send(_register())
         first = await transport.receive()
-        assert first.HasField("register_ack"), first
+        if not first.HasField("register_ack"):
+            raise RuntimeError(f"expected a RegisterAck from the headend, got {first}")
         sent_at: dict[int, float] = {}
         rtts: list[float] = []
         credits = asyncio.Semaphore(window)
@@ -107,25 +109,24 @@ async def _run(directory: Path, batches: int, records: int, window: int) -> None
         await link.stop()
         await store.close()
         broker.stop()
-    rtts_ms = sorted(rtt * 1000 for rtt in rtts)
-    p99 = rtts_ms[min(len(rtts_ms) - 1, int(len(rtts_ms) * 0.99))]
-    print(
-        f"window {window:2d}, {records} records/batch: {batches / elapsed:7.1f} batches/s "
-        f"({batches * records / elapsed:8.0f} records/s), round trip p50 "
-        f"{statistics.median(rtts_ms):.1f} ms, p99 {p99:.1f} ms"
-    )
+    in_flight = f"{window} batch{'es' if window > 1 else ''} in flight"
+    note = f"{batches} batches of {records} records"
+    return [
+        latency_figure(BENCH, f"round trip, {in_flight}", rtts, note=note),
+        Figure(
+            BENCH,
+            f"batches/s, {in_flight}",
+            batches / elapsed,
+            "batches/s",
+            note=f"{note}, {batches * records / elapsed:,.0f} records/s",
+        ),
+    ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=500)
-    parser.add_argument("--records", type=int, default=100)
-    parser.add_argument("--window", type=int, nargs="*", default=[1, 4, 16])
-    args = parser.parse_args()
-    for window in args.window:
-        with tempfile.TemporaryDirectory() as directory:
-            asyncio.run(_run(Path(directory), args.batches, args.records, window))
-
-
-if __name__ == "__main__":
-    main()
+async def run(options: BenchOptions) -> list[Figure]:
+    batches = 50 if options.quick else 500
+    figures: list[Figure] = []
+    for window in WINDOWS:
+        with tempfile.TemporaryDirectory(prefix="dergw-bench-mqtt-", dir=options.workdir) as tmp:
+            figures += await _run(Path(tmp), batches, RECORDS, window)
+    return figures

@@ -1,32 +1,35 @@
-"""Benchmark: outbox append and drain throughput, in points/s.
+"""Benchmark `outbox`: outbox append and drain throughput, in points/s.
 
-Not a test: it prints figures. Budget (docs/architecture.md): >= 500k points/s appended and
->= 200k points/s drained on the 2-core x86 dev machine. A point is one value of a DeviceSample; the
-rows are realistic samples of `--points` points (names, units, values, quality, boot id, clock
-state) as the pollers record them. Appends are batched as the recorder commits them (one
-transaction per batch); the drain is what the uplink does per batch: read_after (whose first call
-fsyncs) and then ack of the batch. Each figure is the median of `--runs` runs on a fresh file.
+Budgets (ARCHITECTURE.md): >= 500,000 points/s appended and >= 200,000 points/s drained. A point
+is one value of a DeviceSample; the rows are realistic samples of 20 points (names, units, values,
+quality, boot id, clock state) as the pollers record them. Appends are batched as the recorder
+commits them (one transaction per 1,000 rows); the drain is what the uplink does per batch:
+read_after (whose first call fsyncs) and then ack of the batch. Each figure is the median of 5
+runs on a fresh file (quick: 1 run of a tenth of the rows).
 
 Also measured: appending while the quota is full, so that every 5 % of quota the oldest raw
 samples are thinned to aggregates (the shedding policy's first step).
 
-    .venv/bin/python bench/outbox.py [--rows N] [--points N] [--batch N] [--runs N] [--dir D]
+    dergw bench outbox [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.core import BenchOptions, Budget, Figure
 from dergw.v1 import MAX_RECORDS_PER_BATCH, pb, timestamp_from_ns
 from gateway.clock import SystemClock
 from gateway.outbox import ROW_OVERHEAD_BYTES, Outbox, RecordKind
 
+BENCH = "outbox"
 NS = 1_000_000_000
+POINTS = 20  # per DeviceSample
+BATCH = 1000  # rows per append (one commit)
 SAMPLE = int(RecordKind.SAMPLE)
 
 
@@ -71,67 +74,68 @@ def _drain(ob: Outbox, batch: int) -> float:
         after = rows[-1].through_seq
         ob.ack(after)
     elapsed = time.perf_counter() - t0
-    assert ob.stats().rows == 0
+    if ob.stats().rows:
+        raise RuntimeError(f"the drain left {ob.stats().rows} rows in the outbox")
     return elapsed
 
 
-def _median(runs: int, once: Callable[[int], float]) -> float:
-    return statistics.median(once(run) for run in range(runs))
+def _timings(runs: int, once: Callable[[int], float]) -> list[float]:
+    return [once(run) for run in range(runs)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=50_000)
-    parser.add_argument("--points", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=1000, help="rows per append (commit)")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--dir", type=Path, default=None, help="where the files go (disk!)")
-    args = parser.parse_args()
-    items = _samples(args.rows, args.points)
+async def run(options: BenchOptions) -> list[Figure]:
+    rows, runs = (5_000, 1) if options.quick else (50_000, 5)
+    items = _samples(rows, POINTS)
     payload = len(items[0][1])
-    points = args.rows * args.points
-    drain_batch = min(args.batch, MAX_RECORDS_PER_BATCH)
+    points = rows * POINTS
+    drain_batch = min(BATCH, MAX_RECORDS_PER_BATCH)
     held = sum(len(p) + ROW_OVERHEAD_BYTES for _, p in items)
     quota = max(held // 4, 1 << 20)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="dergw-bench-outbox-", dir=options.workdir) as tmp:
         base = Path(tmp)
-        results: dict[str, float] = {}
 
         def append_once(run: int) -> float:
             with Outbox(base / f"append-{run}.sqlite3", clock=SystemClock()) as ob:
-                return _append(ob, items, args.batch)
+                return _append(ob, items, BATCH)
 
         def drain_once(run: int) -> float:
             with Outbox(base / f"drain-{run}.sqlite3", clock=SystemClock()) as ob:
-                _append(ob, items, args.batch)
+                _append(ob, items, BATCH)
                 return _drain(ob, drain_batch)
 
         def shed_once(run: int) -> float:
             path = base / f"shed-{run}.sqlite3"
             with Outbox(path, clock=SystemClock(), quota_bytes=quota) as ob:
-                _append(ob, items, args.batch)  # fills the quota: shedding from here on
-                elapsed = _append(ob, items, args.batch)
-                assert ob.stats().held_bytes <= quota
+                _append(ob, items, BATCH)  # fills the quota: shedding from here on
+                elapsed = _append(ob, items, BATCH)
+                if ob.stats().held_bytes > quota:
+                    raise RuntimeError(f"outbox holds {ob.stats().held_bytes:,} B > quota")
                 return elapsed
 
-        results["append"] = _median(args.runs, append_once)
-        results["drain (read_after + ack)"] = _median(args.runs, drain_once)
-        results["append, quota full (thinning)"] = _median(args.runs, shed_once)
-
-    print(
-        f"outbox: {args.rows:,} DeviceSample rows of {args.points} points ({payload} B each), "
-        f"{args.batch} rows per append, drain batches of {drain_batch}; median of {args.runs} runs"
+        measured = {
+            "append, batched": (_timings(runs, append_once), Budget(">=", 500_000)),
+            "drain (read_after + ack)": (_timings(runs, drain_once), Budget(">=", 200_000)),
+            "append, quota full (thinning)": (_timings(runs, shed_once), None),
+        }
+    note = (
+        f"{rows:,} rows of {POINTS} points ({payload} B), {BATCH} rows/append, "
+        f"drain batches of {drain_batch}, median of {runs}"
     )
-    print(f"{'operation':<32} {'rows/s':>12} {'points/s':>14} {'budget':>12}")
-    budgets = {"append": 500_000, "drain (read_after + ack)": 200_000}
-    for name, seconds in results.items():
-        budget = budgets.get(name)
-        print(
-            f"{name:<32} {args.rows / seconds:>12,.0f} {points / seconds:>14,.0f} "
-            f"{f'>= {budget:,}' if budget else '':>12}"
+    figures = []
+    for name, (seconds, budget) in measured.items():
+        median_s = statistics.median(seconds)
+        figures.append(
+            Figure(
+                bench=BENCH,
+                name=name,
+                value=points / median_s,
+                unit="points/s",
+                budget=budget,
+                note=note if budget else f"{note}; quota {quota:,} B for {held:,} B of rows",
+                extra={
+                    "runs_points_per_s": [points / s for s in seconds],
+                    "rows_per_s": rows / median_s,
+                },
+            )
         )
-    print(f"(quota for the last line: {quota:,} B, a quarter of what {args.rows:,} rows hold)")
-
-
-if __name__ == "__main__":
-    main()
+    return figures

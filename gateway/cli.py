@@ -48,6 +48,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "headend": ("headend_min.cli", "main", "run the headend (`dergw headend run`)"),
     "hil": ("hil.cli", "main", "simulated sites and HIL scenarios (`dergw hil run|scenario`)"),
     "demo": ("hil.cli", "demo_main", "headend + simulated site + gateway on loopback"),
+    "bench": (
+        "bench.cli",
+        "main",
+        "benchmarks held to ARCHITECTURE.md's budgets (`dergw bench [NAME...] [--quick]`)",
+    ),
 }
 
 

@@ -12,7 +12,10 @@ Owns the binding between the pure physics and the wire:
   timers) are written back into the registers;
 - communication fault injection per device (`Fault`), injected site conditions (grid
   frequency, irradiance, load, SoC) and inverter trips (`set_device_fault`), and a `SiteState`
-  snapshot for tests.
+  snapshot for tests;
+- measuring hooks for benchmarks: listeners told, with `time.monotonic()`, of every accepted
+  Modbus write (`add_write_listener`) and of every physics step (`add_step_listener`), so a
+  latency ends at the instant the device held the value, not at the next sample.
 
 Device models (`MODELS`, by device group): PV inverter 1/103/120/121/123 ("pv", family "1xx")
 or 1/701/702/704 ("pv-7xx", family "7xx"), battery inverter 1/103/120/124/802, PCC meter 1/203;
@@ -46,6 +49,7 @@ import enum
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +147,19 @@ class Endpoint:
         if self.protocol == "dnp3":
             return f"dnp3 {self.host}:{self.port} outstation {self.unit_id}"
         return f"modbus-tcp {self.host}:{self.port} unit {self.unit_id}"
+
+
+@dataclass(frozen=True)
+class AcceptedWrite:
+    """A Modbus write the simulator accepted (see `SiteSimulator.add_write_listener`)."""
+
+    mono: float  # time.monotonic() when accepted: the registers hold the values from then on
+    device_id: str
+    refs: tuple[str, ...]  # the points it touched ("123.WMaxLimPct", ...)
+
+
+WriteListener = Callable[[AcceptedWrite], None]
+StepListener = Callable[[float], None]  # time.monotonic() after the step's registers were encoded
 
 
 @dataclass(frozen=True)
@@ -585,6 +602,8 @@ class SiteSimulator:
         self.rtu: RtuSiteSimulator | None = None
         self._protocol_sims: dict[str, OpcUaBatterySim | Dnp3PlantSimulator] = {}
         self._cert_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._write_listeners: list[WriteListener] = []
+        self._step_listeners: list[StepListener] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -784,6 +803,10 @@ class SiteSimulator:
         self._apply_pending()
         self.physics.step(self.dt)
         self._encode()
+        if self._step_listeners:
+            now = time.monotonic()
+            for listener in tuple(self._step_listeners):
+                listener(now)
 
     def _apply_pending(self) -> None:
         appliers: Mapping[str, Callable[..., None]] = {
@@ -1077,7 +1100,31 @@ class SiteSimulator:
         if dev.frozen is not None:
             dev.frozen[offset:end] = values
         dev.pending.update(pdef.ref for pdef, _ in touched)
+        if self._write_listeners:
+            accepted = AcceptedWrite(
+                time.monotonic(), dev.spec.id, tuple(pdef.ref for pdef, _ in touched)
+            )
+            for listener in tuple(self._write_listeners):
+                listener(accepted)
         return None
+
+    # --- measuring hooks ------------------------------------------------------------------------
+
+    def add_write_listener(self, listener: WriteListener) -> Callable[[], None]:
+        """Call `listener` synchronously on every accepted Modbus write (TCP or RTU), after the
+        registers took the values (`read_point` shows them); refused and ignored writes
+        (`Fault.IGNORE_WRITES`) are not reported. Returns a function that removes it.
+
+        It runs inside the request handler: keep it to a few microseconds (record, don't act).
+        """
+        self._write_listeners.append(listener)
+        return lambda: self._write_listeners.remove(listener)
+
+    def add_step_listener(self, listener: StepListener) -> Callable[[], None]:
+        """Call `listener(time.monotonic())` after every physics step, once its registers were
+        re-encoded (`state()` shows the step); returns a function that removes it."""
+        self._step_listeners.append(listener)
+        return lambda: self._step_listeners.remove(listener)
 
     # --- inspection and faults ------------------------------------------------------------------
 

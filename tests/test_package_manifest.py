@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP_LEVEL = ("gateway", "drivers", "headend_min", "hil")
+TOP_LEVEL = ("gateway", "drivers", "headend_min", "hil", "bench")
 
 
 def _listed() -> set[str]:

@@ -13,7 +13,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 
-from hil.server import Endpoint, Fault, SimulatorError, SiteSimulator
+from hil.server import AcceptedWrite, Endpoint, Fault, SimulatorError, SiteSimulator
 from hil.site import load_site
 from tests.support import async_wait_until, free_tcp_port
 
@@ -207,6 +207,45 @@ async def test_atomic_block_write_takes_effect_at_the_next_step(
         timeout_s=5,
         what="PV at 50 %",
     )
+
+
+async def test_write_listener_times_accepted_writes_only(
+    quiet_sim: SiteSimulator, client: AsyncModbusTcpClient
+) -> None:
+    sim = quiet_sim
+    accepted: list[tuple[AcceptedWrite, object]] = []
+    remove = sim.add_write_listener(
+        lambda write: accepted.append((write, sim.read_point("pv1", "123.WMaxLimPct")))
+    )
+    start = sim.address_of("pv1", "123.WMaxLimPct")
+    before = time.monotonic()
+    assert not (await client.write_registers(start, [500, 0, 0, 0, 1], device_id=1)).isError()
+    after = time.monotonic()
+    assert (await client.write_register(start, 1500, device_id=1)).isError()  # 150 %: refused
+    sim.set_fault("pv1", Fault.IGNORE_WRITES)
+    assert not (await client.write_register(start, 600, device_id=1)).isError()
+    sim.set_fault("pv1", None)
+    assert len(accepted) == 1
+    write, value_seen = accepted[0]
+    assert write.device_id == "pv1"
+    assert {"123.WMaxLimPct", "123.WMaxLim_Ena"} <= set(write.refs)
+    assert before <= write.mono <= after
+    assert value_seen == 50.0  # the listener sees the registers already holding the write
+    remove()
+    assert not (await client.write_register(start, 700, device_id=1)).isError()
+    assert len(accepted) == 1
+
+
+async def test_step_listener_sees_each_step_after_encoding() -> None:
+    sim = SiteSimulator(site_spec())
+    seen: list[tuple[float, int]] = []
+    remove = sim.add_step_listener(lambda mono: seen.append((mono, sim.state().steps)))
+    sim.step()
+    sim.step()
+    remove()
+    sim.step()
+    assert [steps for _, steps in seen] == [1, 2]
+    assert seen[0][0] <= seen[1][0] <= time.monotonic()
 
 
 async def test_silent_fault_times_out_and_clears(quiet_sim: SiteSimulator) -> None:
