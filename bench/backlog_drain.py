@@ -36,7 +36,7 @@ from gateway.runtime.recorder import Recorder
 from gateway.runtime.transport import UplinkTransport
 from gateway.runtime.uplink import Uplink, create_transport
 from hil.mqtt_broker import Mosquitto
-from hil.scenarios.harness import _spawn, _wait_headend_ready
+from hil.scenarios.harness import spawn_dergw, wait_headend_ready
 
 BENCH = "backlog-drain"
 GATEWAY = "gw-drain"
@@ -157,8 +157,8 @@ async def _drain(
         if broker is not None:
             broker.start()
             args += ["--mqtt", broker.address]
-        headend = await _spawn("headend", args, workdir / "headend.log")
-        grpc_target, _ = await _wait_headend_ready(headend)
+        headend = await spawn_dergw("headend", args, workdir / "headend.log")
+        grpc_target, _ = await wait_headend_ready(headend)
         config: GrpcUplinkConfig | MqttUplinkConfig
         if broker is not None:
             config = MqttUplinkConfig.model_validate(

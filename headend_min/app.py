@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -553,6 +554,26 @@ def _grpc_credentials(tls: HeadendTls) -> grpc.ServerCredentials:
     )
 
 
+# Collect the youngest generation after this many net allocations instead of Python's 700: a
+# headend holding thousands of streams allocates a few hundred objects per batch (messages,
+# rows, futures); with the default the cyclic collector took ~8 % of the event loop thread.
+_GC_THRESHOLDS = (20_000, 20, 20)
+# The store's worker thread releases the GIL around every statement and must win it back from a
+# busy event loop thread each time: at the default 5 ms switch interval a group commit of ~17k
+# upserts (~0.03 s of CPU) took 0.11-0.47 s of wall time next to a busy thread, at 1 ms
+# 0.09-0.13 s; with 2,000 gateways the ack p50 dropped from ~0.8-1.3 s to ~0.1 s (shared machine).
+_SWITCH_INTERVAL_S = 0.001
+
+
+def tune_runtime() -> None:
+    """For a long-running headend process: fewer cyclic collections (none over what startup
+    loaded, which lives until exit) and a shorter GIL switch interval."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+    sys.setswitchinterval(_SWITCH_INTERVAL_S)
+
+
 async def serve(
     config: HeadendConfig, *, on_ready: Callable[[Headend], Awaitable[None] | None]
 ) -> None:
@@ -563,6 +584,7 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         async with Headend(config) as headend:
+            tune_runtime()
             ready = on_ready(headend)
             if ready is not None:
                 await ready

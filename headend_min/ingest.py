@@ -9,8 +9,10 @@ that breaks the contract raises `ProtocolViolation`, whose message is sent back 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import repeat
 
 from google.protobuf.descriptor import EnumDescriptor
 
@@ -135,20 +137,27 @@ def registration_from_pb(message: pb.Register) -> Registration:
 
 
 def _check_sample_shape(sample: pb.DeviceSample, seq: int) -> None:
+    count = len(sample.names)
+    units = len(sample.units)
+    quality = len(sample.quality)
+    if (
+        sample.device_id
+        and len(sample.values) == count
+        and units in (0, count)
+        and quality in (0, count)
+    ):
+        return  # the common case, without building the error's details
     if not sample.device_id:
         raise ProtocolViolation(f"record seq {seq}: sample.device_id is empty")
-    count = len(sample.names)
-    lengths = {"values": len(sample.values), "units": len(sample.units)}
-    lengths["quality"] = len(sample.quality)
-    if lengths["values"] != count:
+    if len(sample.values) != count:
         raise ProtocolViolation(
-            f"record seq {seq}: sample has {count} names but {lengths['values']} values"
+            f"record seq {seq}: sample has {count} names but {len(sample.values)} values"
         )
-    for what in ("units", "quality"):
+    for what, length in (("units", units), ("quality", quality)):
         # Parallel arrays; units and quality may be left empty (unknown unit / unspecified).
-        if lengths[what] not in (0, count):
+        if length not in (0, count):
             raise ProtocolViolation(
-                f"record seq {seq}: sample has {count} names but {lengths[what]} {what}"
+                f"record seq {seq}: sample has {count} names but {length} {what}"
             )
 
 
@@ -180,7 +189,8 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
             f"but carries {count} records (seqs start at 1 and are consecutive)"
         )
     samples: list[tuple[int, int, pb.DeviceSample]] = []
-    status: dict[str, SampleStatusRow] = {}
+    # device_id -> its newest read in the batch (its status row is built once, at the end).
+    newest: dict[str, tuple[int, int, pb.DeviceSample]] = {}
     expected = first_seq
     for offset, record in enumerate(records):
         seq = record.seq
@@ -216,15 +226,9 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
                     int(sample.clock_synced or not sample.boot_id),
                 )
             )
-            samples.append((seq, time_ns, sample))
-            status[device_id] = SampleStatusRow(
-                gateway_id,
-                device_id,
-                time_ns,
-                seq,
-                int(not sample.error and _GOOD in sample.quality),
-                sample.error,
-            )
+            read = (seq, time_ns, sample)
+            samples.append(read)
+            newest[device_id] = read
         elif kind == "event_response":
             response = record.event_response
             rows.event_responses.append(
@@ -337,7 +341,17 @@ def plan_telemetry(batch: pb.TelemetryBatch, gateway_id: str) -> TelemetryRows:
             f"records ending at seq {expected - 1}"
         )
     rows.latest_points = _latest_points(gateway_id, samples)
-    rows.sample_status = list(status.values())
+    rows.sample_status = [
+        SampleStatusRow(
+            gateway_id,
+            sample.device_id,
+            time_ns,
+            seq,
+            int(not sample.error and _GOOD in sample.quality),
+            sample.error,
+        )
+        for seq, time_ns, sample in newest.values()
+    ]
     return rows
 
 
@@ -348,7 +362,8 @@ def _latest_points(
 
     Walks the reads newest first and skips a read whose point names a newer read of the same
     device already covered, so a batch of many reads with the same layout costs one pass over
-    one read per device, not one Python step per point.
+    one read per device, not one Python step per point. The newest read of a device (usually
+    the only one: a live batch) becomes its rows in one pass of C-level iterators.
     """
     latest: list[LatestPointRow] = []
     layouts_seen: dict[str, set[tuple[str, ...]]] = {}
@@ -356,7 +371,15 @@ def _latest_points(
     for seq, time_ns, sample in reversed(samples):
         device_id = sample.device_id
         layout = tuple(sample.names)
-        layouts = layouts_seen.setdefault(device_id, set())
+        layouts = layouts_seen.get(device_id)
+        if layouts is None:
+            taken = set(layout)
+            if len(taken) == len(layout):
+                layouts_seen[device_id] = {layout}
+                points_taken[device_id] = taken
+                latest.extend(_point_rows(gateway_id, device_id, layout, sample, time_ns, seq))
+                continue
+            layouts = layouts_seen[device_id] = set()
         if layout in layouts:
             continue
         layouts.add(layout)
@@ -382,6 +405,39 @@ def _latest_points(
                 )
             )
     return latest
+
+
+# LatestPointRow from a tuple of its fields without a Python-level __new__ call per row.
+_latest_point_row = functools.partial(tuple.__new__, LatestPointRow)
+
+
+def _point_rows(
+    gateway_id: str,
+    device_id: str,
+    names: tuple[str, ...],
+    sample: pb.DeviceSample,
+    time_ns: int,
+    seq: int,
+) -> Iterator[LatestPointRow]:
+    """One row per point of a read whose point names are unique (shape already checked)."""
+    count = len(names)
+    values: list[float | None] = list(sample.values)
+    if not all(map(math.isfinite, values)):  # type: ignore[arg-type]
+        values = [_finite(value) for value in sample.values]
+    units: Iterable[str] = sample.units or repeat("", count)
+    qualities: Iterable[int] = sample.quality or repeat(pb.QUALITY_UNSPECIFIED, count)
+    rows = zip(
+        repeat(gateway_id, count),
+        repeat(device_id, count),
+        names,
+        values,
+        units,
+        qualities,
+        repeat(time_ns, count),
+        repeat(seq, count),
+        strict=False,
+    )
+    return map(_latest_point_row, rows)
 
 
 def _finite(value: float) -> float | None:

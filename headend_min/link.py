@@ -311,10 +311,14 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
         sent_version = held_version
         try:
             if latest_version > sent_version:
-                sent_version = await self._queue_latest_intent(session, sent_version)
+                sent_version = await self._queue_latest_intent(
+                    session, sent_version, known=latest_version
+                )
             async for version in versions:
                 if version > sent_version:
-                    sent_version = await self._queue_latest_intent(session, sent_version)
+                    sent_version = await self._queue_latest_intent(
+                        session, sent_version, known=version
+                    )
         except StoreError:
             _log.exception("intent push to %s failed", session.stream.gateway_id)
             await session.outbox.put(
@@ -324,8 +328,12 @@ class GatewayLinkService(dergw_pb2_grpc.GatewayLinkServicer):
             _log.exception("unexpected error pushing intents to %s", session.stream.gateway_id)
             await session.outbox.put(_End(grpc.StatusCode.INTERNAL, "headend error; see its log"))
 
-    async def _queue_latest_intent(self, session: _Session, sent_version: int) -> int:
-        document = await self._sessions_ops.latest_intent_after(session.site_id, sent_version)
+    async def _queue_latest_intent(
+        self, session: _Session, sent_version: int, *, known: int
+    ) -> int:
+        document = await self._sessions_ops.latest_intent_after(
+            session.site_id, sent_version, known=known
+        )
         if document is None:
             return sent_version
         message = self._sessions_ops.intent_message(session.stream.gateway_id, document)

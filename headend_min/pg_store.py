@@ -5,15 +5,24 @@ transactions that read-modify-write per-gateway or per-site state lock that row 
 `gateways` row for telemetry commits and registers, `SELECT ... FOR UPDATE` of the `sites` row
 for intent versions), so two instances serialize exactly where they must and nowhere else.
 
-Telemetry commits: one transaction per batch, gateway row locked first. Samples (up to 500
-per batch) go in by binary COPY, several times faster than row inserts. When the batch overlaps
-what is committed for the gateway (a resend after lost acks), the seqs already stored are read
-first and only the others are copied - the same result as `ON CONFLICT DO NOTHING`, exactly,
-since the row lock keeps any other writer of that gateway out. Should COPY still meet a
-duplicate (a row no committed range accounts for), the batch is retried on a pipelined
-`INSERT ... ON CONFLICT DO NOTHING` path, so a replay can never wedge a gateway. The latest
-value and sample status upserts send all their rows as one JSON parameter
-(`json_populate_recordset`): one statement per table instead of one per row.
+Telemetry is group-committed: batches that arrive while a commit is in flight queue up and go
+together in ONE transaction on one pooled connection (up to `GROUP_MAX_BATCHES` /
+`GROUP_MAX_RECORDS`), so thousands of gateways at a batch a second cost a few statements and one
+commit per group, not ~5 round trips and a commit per batch. One group is in flight at a time, in
+arrival order, so one gateway's batches commit in the order they were handed in, and each caller
+gets its own CommitResult (as of its batch) only after the group's commit. The group first locks
+its gateways' rows in gateway_id order (`SELECT ... ORDER BY gateway_id FOR UPDATE`): commits of
+one gateway serialize across headend instances, and two instances' groups cannot deadlock.
+Samples of the whole group go in by one binary COPY, several times faster than row inserts.
+When a batch overlaps what is committed for its gateway (a resend after lost acks), the seqs
+already stored are read first and only the others are copied - the same result as `ON CONFLICT
+DO NOTHING`, exactly, since the row lock keeps any other writer of that gateway out. Should COPY
+still meet a duplicate (a row no committed range accounts for), the group is retried on a
+pipelined `INSERT ... ON CONFLICT DO NOTHING` path, so a replay can never wedge a gateway. If a
+group fails for its data (a constraint), it is retried in halves down to the failing batch, so
+only that batch gets the error; a connection or pool failure fails the whole group at once. The
+latest value and sample status upserts send all their rows (collapsed per key, newest seq
+first) as one JSON parameter (an array of arrays): one statement per table per group.
 `synchronous_commit` is left at the server's setting (on), so a commit - and the ack that
 follows it - survives a database crash.
 
@@ -25,10 +34,13 @@ after. The schema is versioned in `schema_migrations` (see `pg_schema`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -72,7 +84,7 @@ from headend_min.model import (
     TelemetryRows,
 )
 from headend_min.pg_schema import migrate
-from headend_min.seqranges import absorb
+from headend_min.seqranges import SeqRanges, absorb
 from headend_min.store import (
     DuplicateTokenError,
     IntentComposer,
@@ -80,7 +92,15 @@ from headend_min.store import (
     UnknownSiteError,
 )
 
-__all__ = ["INTENT_CHANNEL", "PgStore", "PooledStore", "describe_url", "open_pool"]
+__all__ = [
+    "GROUP_MAX_BATCHES",
+    "GROUP_MAX_RECORDS",
+    "INTENT_CHANNEL",
+    "PgStore",
+    "PooledStore",
+    "describe_url",
+    "open_pool",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -103,7 +123,14 @@ _SAMPLE_COLUMNS = (
 )
 _LATEST_COLUMNS = "gateway_id, device_id, point, value, unit, quality, time_ns, seq"
 _STATUS_COLUMNS = "gateway_id, device_id, time_ns, seq, ok, error"
+_LATEST_TYPES = ("text", "text", "text", "float8", "text", "int4", "int8", "int8")
+_STATUS_TYPES = ("text", "text", "int8", "int8", "int2", "text")
 _SAMPLE_COPY_TYPES = ("text", "int8", "text", "int8", "bytea", "text", "int8", "int2")
+
+# Bounds of one group commit: enough to absorb thousands of gateways per commit, small enough that
+# a group's statements take well under a second (the ack latency the fleet budget allows).
+GROUP_MAX_BATCHES = 2000
+GROUP_MAX_RECORDS = 20_000
 
 
 def describe_url(url: str) -> str:
@@ -230,23 +257,88 @@ def _overlaps(first: int, last: int, watermark: int, ranges: Sequence[tuple[int,
     return any(first <= r_last and r_first <= last for r_first, r_last in ranges)
 
 
-def _json_rows(fields: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Rows as a JSON array of objects, for json_populate_recordset: one parameter for many
-    rows, which PostgreSQL parses far faster than psycopg adapts per-column arrays. Values
-    are str, int, float (finite: NaN is None already) or None, all exact in JSON."""
-    return json.dumps([dict(zip(fields, row, strict=True)) for row in rows])
+def _json_rows(rows: Sequence[Sequence[object]]) -> str:
+    """Rows as one JSON array of arrays, read back by `_json_select`: one parameter for many
+    rows, which PostgreSQL parses far faster than psycopg adapts per-column arrays (and which
+    json.dumps writes ~4x faster than one object per row). Values are str, int, float (finite:
+    NaN is None already) or None, all exact in JSON."""
+    return json.dumps(rows)
 
 
-def _latest_point_key(row: LatestPointRow) -> tuple[str, str]:
-    return (row.device_id, row.point)
+def _json_select(types: Sequence[str]) -> str:
+    """The SELECT list of `_json_rows` rows (`FROM json_array_elements(...) e`), in order."""
+    return ", ".join(f"(e->>{index})::{name}" for index, name in enumerate(types))
 
 
-def _device_key(row: SampleStatusRow) -> str:
-    return row.device_id
+def _latest_point_key(row: LatestPointRow) -> tuple[str, str, str]:
+    return (row.gateway_id, row.device_id, row.point)
+
+
+def _device_key(row: SampleStatusRow) -> tuple[str, str]:
+    return (row.gateway_id, row.device_id)
 
 
 class _DuplicateOnCopyError(Exception):
-    """COPY met a row already stored: the caller retries the batch on the ON CONFLICT path."""
+    """COPY met a row already stored: the caller retries the group on the ON CONFLICT path."""
+
+
+@dataclass(slots=True)
+class _Commit:
+    """A telemetry batch waiting for the next group commit."""
+
+    rows: TelemetryRows
+    now_ns: int
+    future: asyncio.Future[CommitResult]
+
+
+def _own_error(exc: BaseException, delivered: set[int]) -> BaseException:
+    """`exc` for the first caller it fails, a fresh StoreError caused by it for every other one:
+    one exception object raised in many tasks would collect all their tracebacks."""
+    if id(exc) not in delivered:
+        delivered.add(id(exc))
+        return exc
+    error = StoreError(str(exc) or repr(exc))
+    error.__cause__ = exc
+    return error
+
+
+def _row_count(rows: TelemetryRows) -> int:
+    """Rows a batch writes, roughly: what bounds a group's statement time."""
+    lists: tuple[Sequence[object], ...] = (
+        rows.samples,
+        rows.latest_points,
+        rows.sample_status,
+        rows.event_responses,
+        rows.intent_statuses,
+        rows.reported_states,
+        rows.decisions,
+        rows.flexibility,
+        rows.gaps,
+        rows.clock_syncs,
+        rows.unknown,
+    )
+    return 1 + sum(len(rows) for rows in lists)
+
+
+def _data_fault(exc: BaseException) -> bool:
+    """Whether a failed group may be the fault of one batch's rows (retry them one by one), not
+    of the connection, the pool or the server (fail them all at once, fast)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    if isinstance(cause, psycopg.Error):
+        return not isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
+    return not isinstance(exc, StoreError)
+
+
+def _newest_by_key(rows: Sequence[Any], key: Any) -> list[Any]:
+    """One row per key - the newest seq, the first of equal seqs, as upserts applied one after
+    another in this order keep - sorted by key, so two transactions cannot deadlock on them."""
+    newest: dict[Any, Any] = {}
+    for row in rows:
+        k = key(row)
+        kept = newest.get(k)
+        if kept is None or row.seq > kept.seq:
+            newest[k] = row
+    return [newest[k] for k in sorted(newest)]
 
 
 async def open_pool(
@@ -332,6 +424,11 @@ class PooledStore:
 
 class PgStore(PooledStore):
     """`Store` on PostgreSQL; construct with `await PgStore.open(url)`."""
+
+    def __init__(self, url: str, pool: AsyncConnectionPool[_Conn]) -> None:
+        super().__init__(url, pool)
+        self._commits: deque[_Commit] = deque()  # telemetry batches waiting, in arrival order
+        self._committer: asyncio.Task[None] | None = None  # commits them, a group at a time
 
     @classmethod
     async def open(
@@ -528,7 +625,8 @@ class PgStore(PooledStore):
             await cursor.executemany(
                 "UPDATE gateways SET last_seen_ns = %s "
                 "WHERE gateway_id = %s AND stream_id = %s AND stream_open",
-                [(now_ns, s.gateway_id, s.stream_id) for s in streams],
+                # In gateway_id order, as group commits lock them: no deadlock between the two.
+                sorted((now_ns, s.gateway_id, s.stream_id) for s in streams),
             )
 
     async def close_stream(self, stream: StreamRef, now_ns: int) -> None:
@@ -540,53 +638,189 @@ class PgStore(PooledStore):
             )
 
     async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
-        try:
-            return await self._commit_telemetry(rows, now_ns, allow_copy=True)
-        except _DuplicateOnCopyError:
-            _log.warning(
-                "gateway %s: seqs %d..%d partly stored without a committed range; "
-                "retrying without COPY",
-                rows.gateway_id,
-                rows.first_seq,
-                rows.last_seq,
-            )
-            return await self._commit_telemetry(rows, now_ns, allow_copy=False)
+        if self._closed:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self._commits.append(_Commit(rows, now_ns, future))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_groups(), name="pg-group-commit")
+        return await future
 
-    async def _commit_telemetry(
-        self, rows: TelemetryRows, now_ns: int, *, allow_copy: bool
-    ) -> CommitResult:
-        gateway_id = rows.gateway_id
-        has_range = rows.last_seq >= rows.first_seq >= 1
-        async with self._transaction() as tx:
-            # Locks the gateway row: commits of one gateway serialize (see _read_ranges).
-            cursor = await tx.execute(
-                "UPDATE gateways SET last_seen_ns = %s WHERE gateway_id = %s "
-                "RETURNING committed_seq",
-                (now_ns, gateway_id),
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # refuses new commits; the queued ones still commit, then the pool
+        if self._committer is not None:
+            await asyncio.wait([self._committer])
+        await self._pool.close()
+
+    async def _commit_groups(self) -> None:
+        """Commit queued batches a group at a time until none is left (the one committer)."""
+        try:
+            while self._commits:
+                group = self._take_group()
+                if not group:
+                    continue
+                try:
+                    outcomes = await self._commit_group(group)
+                except BaseException as exc:  # cancelled (loop shutting down): answer, then go
+                    for commit in group:
+                        if not commit.future.done():
+                            commit.future.set_exception(StoreError(f"commit interrupted: {exc!r}"))
+                    raise
+                delivered: set[int] = set()
+                for commit, outcome in zip(group, outcomes, strict=True):
+                    if commit.future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        commit.future.set_exception(_own_error(outcome, delivered))
+                    else:
+                        commit.future.set_result(outcome)
+        finally:
+            self._committer = None
+
+    def _take_group(self) -> list[_Commit]:
+        group: list[_Commit] = []
+        rows = 0
+        while self._commits and len(group) < GROUP_MAX_BATCHES and rows < GROUP_MAX_RECORDS:
+            commit = self._commits.popleft()
+            if commit.future.done():  # cancelled before it started: never committed, never acked
+                continue
+            group.append(commit)
+            rows += _row_count(commit.rows)
+        return group
+
+    async def _commit_group(self, group: Sequence[_Commit]) -> list[CommitResult | BaseException]:
+        """Commit `group` in one transaction; one outcome per batch, in order."""
+        try:
+            try:
+                return list(await self._write_group(group, allow_copy=True))
+            except _DuplicateOnCopyError:
+                _log.warning(
+                    "a group of %d telemetry batches (gateways %s) met seqs stored without a "
+                    "committed range; retrying without COPY",
+                    len(group),
+                    ", ".join(sorted({c.rows.gateway_id for c in group})[:5]),
+                )
+                return list(await self._write_group(group, allow_copy=False))
+        except Exception as exc:
+            if len(group) == 1 or not _data_fault(exc):
+                return [exc] * len(group)
+            _log.warning(
+                "a group of %d telemetry batches failed (%s); committing it in halves",
+                len(group),
+                exc,
             )
-            row = await cursor.fetchone()
-            current = None if row is None else (int(row[0]), await self._ranges(tx, gateway_id))
-            watermark, ranges = current if current is not None else (0, ())
-            if rows.samples:
-                if not allow_copy:
-                    await self._insert_samples(tx, rows)
-                else:
-                    samples = rows.samples
-                    if not has_range or _overlaps(rows.first_seq, rows.last_seq, watermark, ranges):
-                        # A resend overlapping what is committed: COPY only the rows not
-                        # stored yet (nothing else can insert them: the gateway row is locked).
-                        samples = await self._unstored_samples(tx, rows)
-                    try:
-                        await self._copy_samples(tx, samples)
-                    except psycopg.errors.UniqueViolation as exc:
-                        raise _DuplicateOnCopyError from exc
-            await self._insert_other_rows(tx, rows, now_ns)
-            return await self._absorb_ranges(
-                tx,
-                gateway_id,
-                [(rows.first_seq, rows.last_seq)] if has_range else [],
-                lock=False,
-                known=current,
+        # Halves, in order, until the failing batch is alone: one bad batch among n costs about
+        # 2 log2(n) transactions, not n.
+        middle = len(group) // 2
+        return [
+            *await self._commit_group(group[:middle]),
+            *await self._commit_group(group[middle:]),
+        ]
+
+    async def _write_group(
+        self, group: Sequence[_Commit], *, allow_copy: bool
+    ) -> list[CommitResult]:
+        """Write the batches of `group` in one transaction; what is committed for each batch's
+        gateway as of that batch, as if they were committed one after another."""
+        gateway_ids = sorted({c.rows.gateway_id for c in group})
+        async with self._transaction() as tx:
+            stored = await self._lock_gateways(tx, gateway_ids)
+            current = dict(stored)
+            results: list[CommitResult] = []
+            copied: list[SampleRow] = []
+            copied_keys: set[tuple[str, int]] = set()
+            inserted: list[SampleRow] = []
+            for commit in group:
+                rows = commit.rows
+                gateway_id = rows.gateway_id
+                watermark, ranges = current[gateway_id]
+                has_range = rows.last_seq >= rows.first_seq >= 1
+                if rows.samples:
+                    if not allow_copy:
+                        inserted += rows.samples
+                    elif has_range and not _overlaps(
+                        rows.first_seq, rows.last_seq, watermark, ranges
+                    ):
+                        copied += rows.samples
+                        copied_keys.update((gateway_id, row.seq) for row in rows.samples)
+                    else:
+                        # A resend overlapping what is committed (or copied earlier in this
+                        # group): COPY only the rows not stored yet (nothing else can insert
+                        # them: the gateway row is locked).
+                        for row in await self._unstored_samples(tx, rows):
+                            if (gateway_id, row.seq) not in copied_keys:
+                                copied.append(row)
+                                copied_keys.add((gateway_id, row.seq))
+                if has_range:
+                    watermark, ranges = absorb(watermark, ranges, [(rows.first_seq, rows.last_seq)])
+                    current[gateway_id] = (watermark, ranges)
+                results.append(CommitResult(watermark, ranges))
+            try:
+                await self._copy_samples(tx, copied)
+            except psycopg.errors.UniqueViolation as exc:
+                raise _DuplicateOnCopyError from exc
+            await self._insert_samples(tx, inserted)
+            await self._insert_other_rows(tx, group)
+            await self._store_committed(tx, group, stored, current)
+        return results
+
+    @staticmethod
+    async def _lock_gateways(
+        tx: _Conn, gateway_ids: Sequence[str]
+    ) -> dict[str, tuple[int, SeqRanges]]:
+        """Lock the gateways' rows, in gateway_id order; their watermarks and ranges (an unknown
+        gateway: 0 and whatever ranges are stored for it)."""
+        cursor = await tx.execute(
+            "SELECT gateway_id, committed_seq FROM gateways WHERE gateway_id = ANY(%s) "
+            "ORDER BY gateway_id FOR UPDATE",
+            (list(gateway_ids),),
+        )
+        watermarks = {gateway_id: int(seq) for gateway_id, seq in await cursor.fetchall()}
+        cursor = await tx.execute(
+            "SELECT gateway_id, first_seq, last_seq FROM committed_ranges "
+            "WHERE gateway_id = ANY(%s) ORDER BY gateway_id, first_seq",
+            (list(gateway_ids),),
+        )
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for gateway_id, first, last in await cursor.fetchall():
+            ranges.setdefault(gateway_id, []).append((int(first), int(last)))
+        return {
+            gateway_id: (watermarks.get(gateway_id, 0), tuple(ranges.get(gateway_id, ())))
+            for gateway_id in gateway_ids
+        }
+
+    @staticmethod
+    async def _store_committed(
+        tx: _Conn,
+        group: Sequence[_Commit],
+        stored: dict[str, tuple[int, SeqRanges]],
+        current: dict[str, tuple[int, SeqRanges]],
+    ) -> None:
+        """Each gateway's last-seen time (its last batch's) and final watermark and ranges."""
+        seen = {c.rows.gateway_id: c.now_ns for c in group}
+        gateway_ids = sorted(seen)
+        await tx.execute(
+            "UPDATE gateways g SET last_seen_ns = v.seen, committed_seq = v.committed "
+            "FROM unnest(%s::text[], %s::int8[], %s::int8[]) AS v(gateway_id, seen, committed) "
+            "WHERE g.gateway_id = v.gateway_id",
+            (
+                gateway_ids,
+                [seen[gateway_id] for gateway_id in gateway_ids],
+                [current[gateway_id][0] for gateway_id in gateway_ids],
+            ),
+        )
+        changed = [g for g in gateway_ids if current[g][1] != stored[g][1]]
+        if not changed:
+            return
+        await tx.execute("DELETE FROM committed_ranges WHERE gateway_id = ANY(%s)", (changed,))
+        ranges = [(g, first, last) for g in changed for first, last in current[g][1]]
+        if ranges:
+            await tx.execute(
+                "INSERT INTO committed_ranges (gateway_id, first_seq, last_seq) "
+                "SELECT * FROM unnest(%s::text[], %s::int8[], %s::int8[])",
+                tuple(map(list, zip(*ranges, strict=True))),
             )
 
     @staticmethod
@@ -612,114 +846,126 @@ class PgStore(PooledStore):
                 await copy.write_row(row)
 
     @staticmethod
-    async def _insert_samples(tx: _Conn, rows: TelemetryRows) -> None:
+    async def _insert_samples(tx: _Conn, samples: Sequence[SampleRow]) -> None:
+        if not samples:
+            return
         async with tx.cursor() as cursor:
             await cursor.executemany(
                 f"INSERT INTO samples ({_SAMPLE_COLUMNS}) VALUES ({_placeholders(8)}) "
                 "ON CONFLICT DO NOTHING",
-                rows.samples,
+                samples,
             )
 
     @staticmethod
-    async def _insert_other_rows(tx: _Conn, rows: TelemetryRows, now_ns: int) -> None:
+    async def _insert_other_rows(tx: _Conn, group: Sequence[_Commit]) -> None:
         # Every table is keyed by (gateway_id, seq); a replayed record is ignored. The two
-        # upserts that run on every batch take all their rows in one statement (unnest of
-        # column arrays: one round trip, not one per row), in key order so that two
+        # upserts that run on every batch take all the group's rows in one statement, one row
+        # per key (one statement cannot update a row twice) in key order, so that two
         # transactions touching the same rows cannot deadlock.
-        if rows.latest_points:
-            latest = sorted(rows.latest_points, key=_latest_point_key)
+        latest = _newest_by_key(
+            [row for c in group for row in c.rows.latest_points], _latest_point_key
+        )
+        if latest:
             # Newest seq wins, so a replayed older batch cannot roll a value back.
             await tx.execute(
-                f"INSERT INTO latest_points ({_LATEST_COLUMNS}) SELECT {_LATEST_COLUMNS} "
-                "FROM json_populate_recordset(NULL::latest_points, %s::json) "
+                f"INSERT INTO latest_points ({_LATEST_COLUMNS}) "
+                f"SELECT {_json_select(_LATEST_TYPES)} FROM json_array_elements(%s::json) e "
                 "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
                 "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
                 "time_ns = excluded.time_ns, seq = excluded.seq "
                 "WHERE excluded.seq > latest_points.seq",
-                (_json_rows(LatestPointRow._fields, latest),),
+                (_json_rows(latest),),
             )
-        if rows.sample_status:
-            status = sorted(rows.sample_status, key=_device_key)
+        status = _newest_by_key([row for c in group for row in c.rows.sample_status], _device_key)
+        if status:
             await tx.execute(
-                f"INSERT INTO sample_status ({_STATUS_COLUMNS}) SELECT {_STATUS_COLUMNS} "
-                "FROM json_populate_recordset(NULL::sample_status, %s::json) "
+                f"INSERT INTO sample_status ({_STATUS_COLUMNS}) "
+                f"SELECT {_json_select(_STATUS_TYPES)} FROM json_array_elements(%s::json) e "
                 "ON CONFLICT (gateway_id, device_id) DO UPDATE SET "
                 "time_ns = excluded.time_ns, seq = excluded.seq, ok = excluded.ok, "
                 "error = excluded.error WHERE excluded.seq > sample_status.seq",
-                (_json_rows(SampleStatusRow._fields, status),),
+                (_json_rows(status),),
             )
         async with tx.cursor() as cursor:
-            if rows.event_responses:
-                await cursor.executemany(
+            for statement, rows in (
+                (
                     "INSERT INTO event_responses (gateway_id, seq, intent_version, event_id, "
                     "status, reason, time_ns, effective_start_ns, effective_end_ns) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows.event_responses,
-                )
-            if rows.intent_statuses:
-                await cursor.executemany(
+                    f"VALUES ({_placeholders(9)}) ON CONFLICT DO NOTHING",
+                    [row for c in group for row in c.rows.event_responses],
+                ),
+                (
                     "INSERT INTO intent_statuses (gateway_id, seq, version, state, reason, "
-                    "time_ns, active_event_id) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    f"time_ns, active_event_id) VALUES ({_placeholders(7)}) "
                     "ON CONFLICT DO NOTHING",
-                    rows.intent_statuses,
-                )
-            if rows.reported_states:
-                await cursor.executemany(
+                    [row for c in group for row in c.rows.intent_statuses],
+                ),
+                (
                     "INSERT INTO reported_states (gateway_id, seq, time_ns, intent_version, "
-                    "active_event_id, source, payload) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    f"active_event_id, source, payload) VALUES ({_placeholders(7)}) "
                     "ON CONFLICT DO NOTHING",
-                    rows.reported_states,
-                )
-            if rows.decisions:
-                await cursor.executemany(
+                    [row for c in group for row in c.rows.reported_states],
+                ),
+                (
                     "INSERT INTO decisions (gateway_id, seq, time_ns, summary, payload) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows.decisions,
-                )
-            if rows.flexibility:
-                await cursor.executemany(
+                    f"VALUES ({_placeholders(5)}) ON CONFLICT DO NOTHING",
+                    [row for c in group for row in c.rows.decisions],
+                ),
+                (
                     "INSERT INTO flexibility (gateway_id, seq, time_ns, up_w, down_w, payload) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows.flexibility,
-                )
-                # Newest seq wins, so a replayed older batch cannot roll the report back.
-                await cursor.execute(
+                    f"VALUES ({_placeholders(6)}) ON CONFLICT DO NOTHING",
+                    [row for c in group for row in c.rows.flexibility],
+                ),
+                (
+                    # Newest seq wins, so a replayed older batch cannot roll the report back.
                     "INSERT INTO latest_flexibility (gateway_id, seq, time_ns, up_w, down_w, "
-                    "payload) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (gateway_id) DO UPDATE "
+                    f"payload) VALUES ({_placeholders(6)}) ON CONFLICT (gateway_id) DO UPDATE "
                     "SET seq = excluded.seq, time_ns = excluded.time_ns, up_w = excluded.up_w, "
                     "down_w = excluded.down_w, payload = excluded.payload "
                     "WHERE excluded.seq > latest_flexibility.seq",
-                    max(rows.flexibility, key=lambda row: row.seq),
-                )
-            if rows.unknown:
-                await cursor.executemany(
+                    _newest_by_key(
+                        [row for c in group for row in c.rows.flexibility],
+                        lambda row: row.gateway_id,
+                    ),
+                ),
+                (
                     "INSERT INTO unknown_records (gateway_id, seq, payload) VALUES (%s, %s, %s) "
                     "ON CONFLICT DO NOTHING",
-                    rows.unknown,
-                )
-            if rows.gaps:
-                await cursor.executemany(
+                    [row for c in group for row in c.rows.unknown],
+                ),
+                (
                     "INSERT INTO gaps (gateway_id, seq, through_seq, what, records, points, "
                     "bytes, first_time_ns, last_time_ns, reason, device_ids, received_at_ns) "
                     f"VALUES ({_placeholders(12)}) ON CONFLICT DO NOTHING",
-                    [(*gap, now_ns) for gap in rows.gaps],
-                )
-            if rows.clock_syncs:
-                await cursor.executemany(
+                    [(*gap, c.now_ns) for c in group for gap in c.rows.gaps],
+                ),
+                (
                     "INSERT INTO clock_syncs (gateway_id, seq, boot_id, wall_minus_mono_ns, "
                     "time_ns) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    rows.clock_syncs,
-                )
-            if rows.clock_syncs or any(not sample.clock_synced for sample in rows.samples):
-                # Samples stamped before their boot's clock was synced get their true time
-                # (monotonic + the offset measured at sync), whichever of the two came first.
-                await cursor.execute(
+                    [row for c in group for row in c.rows.clock_syncs],
+                ),
+            ):
+                if rows:
+                    await cursor.executemany(statement, rows)
+            # Samples stamped before their boot's clock was synced get their true time
+            # (monotonic + the offset measured at the boot's first sync), whichever of the two
+            # came first. Once per gateway, after every row of the group is in.
+            unsynced = sorted(
+                {
+                    c.rows.gateway_id
+                    for c in group
+                    if c.rows.clock_syncs
+                    or any(not sample.clock_synced for sample in c.rows.samples)
+                }
+            )
+            if unsynced:
+                await cursor.executemany(
                     "UPDATE samples s SET clock_synced = 1, "
                     "time_ns = s.monotonic_ns + c.wall_minus_mono_ns FROM ("
                     "SELECT DISTINCT ON (boot_id) boot_id, wall_minus_mono_ns FROM clock_syncs "
                     "WHERE gateway_id = %s ORDER BY boot_id, seq) c "
                     "WHERE s.gateway_id = %s AND s.clock_synced = 0 AND c.boot_id = s.boot_id",
-                    (rows.gateway_id, rows.gateway_id),
+                    [(gateway_id, gateway_id) for gateway_id in unsynced],
                 )
 
     async def record_intent_delivery(

@@ -6,8 +6,8 @@ and `mqtt_link` (MQTT v5 topics through a broker) only move bytes. Rules kept he
 * a record is acknowledged only after its batch is committed; an Ack carries the contiguous
   watermark and the committed ranges above it (the gateway's live lane runs ahead of its backlog);
 * a new session is admitted by `Admission`, a token bucket: when a fleet reconnects at once (a
-  headend restart), gateways beyond the bucket get `RetryAfter` with a delay that spreads them over
-  time instead of a flood of registers and backlog resends;
+  headend restart), gateways beyond the bucket get `RetryAfter` with a slot reserved for them, which
+  spreads them over time instead of a flood of registers and backlog resends;
 * `RegisterAck.backlog_records_per_s` paces each gateway's backlog resend;
 * intents go out signed for the gateway they are sent to (`intent_message`, at send time, with
   the headend's signing key); a gateway's refusal of one (IntentAck REJECTED with a
@@ -16,6 +16,8 @@ and `mqtt_link` (MQTT v5 topics through a broker) only move bytes. Rules kept he
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import time
@@ -62,11 +64,19 @@ def _ack_status_name(status: int) -> str:
 
 
 class Admission:
-    """Token bucket for new gateway sessions: `rate_per_s` on average, bursts of `burst`.
+    """Admission of new sessions: `rate_per_s` on average, bursts of `burst` (GCRA, the
+    virtual-scheduling form of a token bucket).
 
-    A refused gateway is told to come back when a token will be free for it, counting the ones
-    refused before it in the same second, so a reconnect storm turns into an even stream.
+    A refused gateway is given the next free slot and told to come back then (RetryAfter);
+    the slot is reserved for it by its gateway id, so when it returns (at or after its slot,
+    the gateway adds jitter) it is admitted without competing again. Without that reservation
+    a storm of retries would take every new token before the promised gateways came back,
+    and nobody would be admitted at all while the retries outpaced the rate. Refusals without
+    a gateway id reserve a slot nobody can claim (they only spread the answers).
     """
+
+    # A reservation not claimed this long after its slot is dropped (the gateway gave up).
+    RESERVATION_TTL_S = 300.0
 
     def __init__(
         self,
@@ -80,32 +90,47 @@ class Admission:
         self._mono_ns = mono_ns
         self.rate_per_s = rate_per_s
         self.burst = burst
-        self._tokens = float(burst)
-        self._updated_ns = mono_ns()
-        # Tokens already promised to refused gateways (drains at the refill rate).
-        self._promised = 0.0
+        self._interval_ns = 1e9 / rate_per_s
+        self._tolerance_ns = (burst - 1) * self._interval_ns
+        # Theoretical arrival time: when the bucket is next empty of reservations (ns).
+        self._tat_ns = float(mono_ns())
+        # gateway_id -> the slot (mono ns) reserved for it.
+        self._reserved: dict[str, float] = {}
         self.admitted = 0
         self.refused = 0
 
-    def _refill(self) -> None:
-        now = self._mono_ns()
-        elapsed_s = (now - self._updated_ns) / 1e9
-        self._updated_ns = now
-        gained = elapsed_s * self.rate_per_s
-        used_by_promises = min(self._promised, gained)
-        self._promised -= used_by_promises
-        self._tokens = min(float(self.burst), self._tokens + gained - used_by_promises)
+    @property
+    def reservations(self) -> int:
+        return len(self._reserved)
 
-    def admit(self) -> int | None:
+    def admit(self, gateway_id: str | None = None) -> int | None:
         """None when admitted now, else the number of seconds to wait before retrying."""
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        now = float(self._mono_ns())
+        if gateway_id is not None and (slot := self._reserved.get(gateway_id)) is not None:
+            if now >= slot:
+                del self._reserved[gateway_id]
+                self.admitted += 1
+                return None
+            self.refused += 1
+            return max(1, math.ceil((slot - now) / 1e9))
+        tat = max(self._tat_ns, now)
+        if tat - now <= self._tolerance_ns:
+            self._tat_ns = tat + self._interval_ns
             self.admitted += 1
             return None
-        self._promised += 1.0
+        slot = tat - self._tolerance_ns
+        self._tat_ns = tat + self._interval_ns
+        if gateway_id is not None:
+            if len(self._reserved) >= 1024:
+                self._drop_expired(now)
+            self._reserved[gateway_id] = slot
         self.refused += 1
-        return max(1, math.ceil(self._promised / self.rate_per_s))
+        return max(1, math.ceil((slot - now) / 1e9))
+
+    def _drop_expired(self, now: float) -> None:
+        horizon = now - self.RESERVATION_TTL_S * 1e9
+        for gateway_id in [g for g, slot in self._reserved.items() if slot < horizon]:
+            del self._reserved[gateway_id]
 
 
 @dataclass(slots=True)
@@ -138,6 +163,10 @@ class GatewaySessions:
         self.admission = admission
         self._backlog_records_per_s = backlog_records_per_s
         self.counters = SessionCounters()  # read by GET /metrics
+        # The newest intent document read per site, and the read in flight per site: shared by
+        # the streams of a site when a post wakes them all (`latest_intent_after`).
+        self._newest_intent: dict[str, pb.IntentDocument] = {}
+        self._intent_reads: dict[str, asyncio.Task[pb.IntentDocument | None]] = {}
 
     @property
     def store(self) -> Store:
@@ -157,7 +186,7 @@ class GatewaySessions:
         """Admit (new sessions only) and store the registration; raises StoreError."""
         result = RegisterResult(registration)
         if new_session and self.admission is not None:
-            retry_after_s = self.admission.admit()
+            retry_after_s = self.admission.admit(registration.gateway_id)
             if retry_after_s is not None:
                 result.replies.append(
                     pb.DownMessage(
@@ -225,13 +254,54 @@ class GatewaySessions:
         )
         return pb.DownMessage(signed_intent=signed)
 
-    async def latest_intent_after(self, site_id: str, version: int) -> pb.IntentDocument | None:
+    async def latest_intent_after(
+        self, site_id: str, version: int, *, known: int = 0
+    ) -> pb.IntentDocument | None:
         """The site's newest document if it is newer than `version` (always the newest: versions
-        posted in a burst collapse into one send)."""
-        stored = await self._store.get_intent(site_id)
-        if stored is None or stored.version <= version:
+        posted in a burst collapse into one send).
+
+        `known` is a version the caller knows is stored (the one it was notified of, or the
+        registration's latest). A document at least that new, read for another stream of the
+        site, is reused: one post to a site with thousands of streams costs one store read, not
+        one per stream. Without `known` the store is always read.
+        """
+        if known <= 0:
+            document = await self._read_intent(site_id)
+        else:
+            document = self._newest_intent.get(site_id)
+            if document is None or document.version < known:
+                document = await self._shared_intent_read(site_id)
+                if document is None or document.version < known:
+                    # The shared read began before `known` was stored: read it alone.
+                    document = await self._read_intent(site_id)
+        if document is None or document.version <= version:
             return None
+        return document
+
+    async def _read_intent(self, site_id: str) -> pb.IntentDocument | None:
+        stored = await self._store.get_intent(site_id)
+        if stored is None:
+            return None
+        newest = self._newest_intent.get(site_id)
+        if newest is None or newest.version < stored.version:
+            self._newest_intent[site_id] = stored.document
         return stored.document
+
+    async def _shared_intent_read(self, site_id: str) -> pb.IntentDocument | None:
+        """Join the site's read in flight, or start one (its waiters share the answer)."""
+        read = self._intent_reads.get(site_id)
+        if read is None:
+            read = asyncio.create_task(self._read_intent(site_id))
+            self._intent_reads[site_id] = read
+            read.add_done_callback(functools.partial(self._intent_read_done, site_id))
+        # Shielded: one waiter's stream ending must not cancel the read the others wait on.
+        return await asyncio.shield(read)
+
+    def _intent_read_done(self, site_id: str, read: asyncio.Task[pb.IntentDocument | None]) -> None:
+        if self._intent_reads.get(site_id) is read:
+            del self._intent_reads[site_id]
+        if not read.cancelled():
+            read.exception()  # retrieved here too: every waiter may have gone
 
     async def record_delivery(self, gateway_id: str, document: pb.IntentDocument) -> None:
         try:

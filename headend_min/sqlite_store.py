@@ -3,8 +3,18 @@
 One connection, owned by one dedicated worker thread: every statement runs there, so the event
 loop never blocks on disk and SQLite never sees two threads. WAL mode with synchronous=FULL,
 because the link acks a telemetry batch as soon as `commit_telemetry` returns and an ack must
-survive a power cut. Each telemetry batch is one transaction of a few `executemany` calls (one per
-table), with samples stored packed: one row per device read, not per point.
+survive a power cut. Samples are stored packed: one row per device read, not per point.
+
+Telemetry is group-committed: a commit costs an fsync, so one per batch would cap a headend at a
+few hundred batches/s, far below thousands of gateways at one batch a second each. Store calls
+queue on the event loop in arrival order and the worker takes them one job at a time; a job is
+either one ordinary call or every telemetry commit waiting at the head of the queue (up to
+`GROUP_MAX_BATCHES` / `GROUP_MAX_RECORDS`), written with one `executemany` per table and made
+durable by ONE commit. While a group commits, the next one accumulates, so groups grow with the
+load and an idle headend still commits a lone batch at once. Every caller gets its own
+CommitResult (the watermark and ranges as of its batch, in queue order) only after the commit,
+so an ack still means durable. If anything in a group fails, the group is rolled back and
+replayed with a SAVEPOINT per batch: the failing batch gets its error and the others commit.
 
 The schema is versioned in `schema_migrations` (see `sqlite_schema`).
 """
@@ -17,8 +27,10 @@ import functools
 import json
 import logging
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -55,7 +67,7 @@ from headend_min.model import (
     StreamRef,
     TelemetryRows,
 )
-from headend_min.seqranges import absorb
+from headend_min.seqranges import SeqRanges, absorb
 from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.store import (
     DuplicateTokenError,
@@ -65,11 +77,62 @@ from headend_min.store import (
     UnknownSiteError,
 )
 
-__all__ = ["SqliteStore"]
+__all__ = ["GROUP_MAX_BATCHES", "GROUP_MAX_RECORDS", "SqliteStore"]
 
 _log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+# Bounds of one group commit: enough to absorb thousands of gateways per fsync, small enough that
+# a group's statements take well under a second (the ack latency the fleet budget allows).
+GROUP_MAX_BATCHES = 2000
+GROUP_MAX_RECORDS = 20_000
+
+
+@dataclass(slots=True)
+class _Call:
+    """An ordinary store call waiting for the worker."""
+
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Commit:
+    """A telemetry batch waiting for the worker's next group commit."""
+
+    rows: TelemetryRows
+    now_ns: int
+    future: asyncio.Future[CommitResult]
+
+
+def _own_error(exc: BaseException, delivered: set[int]) -> BaseException:
+    """`exc` for the first caller it fails, a fresh StoreError caused by it for every other one:
+    one exception object raised in many tasks would collect all their tracebacks."""
+    if id(exc) not in delivered:
+        delivered.add(id(exc))
+        return exc
+    error = StoreError(str(exc) or repr(exc))
+    error.__cause__ = exc
+    return error
+
+
+def _row_count(rows: TelemetryRows) -> int:
+    """Rows a batch writes, roughly: what bounds a group's statement time."""
+    lists: tuple[Sequence[object], ...] = (
+        rows.samples,
+        rows.latest_points,
+        rows.sample_status,
+        rows.event_responses,
+        rows.intent_statuses,
+        rows.reported_states,
+        rows.decisions,
+        rows.flexibility,
+        rows.gaps,
+        rows.clock_syncs,
+        rows.unknown,
+    )
+    return 1 + sum(len(rows) for rows in lists)
 
 
 _GATEWAY_COLUMNS = (
@@ -198,6 +261,10 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headend-sqlite")
         self._db: sqlite3.Connection | None = None
         self._closed = False
+        # Calls in arrival order; the worker runs one job (a call, or a group of commits) at a
+        # time, so the order is also the order the database sees them in.
+        self._queue: deque[_Call | _Commit] = deque()
+        self._worker_busy = False
 
     @classmethod
     async def open(
@@ -223,23 +290,112 @@ class SqliteStore:
     async def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         if self._closed:
             raise StoreError("the store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(
-                self._executor, functools.partial(fn, *args, **kwargs)
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"SQLite error on {self._path}: {exc}") from exc
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Call(functools.partial(fn, *args, **kwargs), future))
+        self._dispatch()
+        return await future
 
     async def close(self) -> None:
         if self._closed:
             return
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(sqlite3.Error):
-            await loop.run_in_executor(self._executor, self._close_sync)
-        self._closed = True
-        # Waits for nothing: the close job above was the last one queued on the worker.
+        self._closed = True  # refuses new calls; the ones queued before still run, then this
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Call(self._close_sync, closed))
+        self._dispatch()
+        with contextlib.suppress(StoreError):
+            await closed
+        self._fail_queued("the store is closed")
         self._executor.shutdown(wait=True)
+
+    # -- the job queue (event loop side) --------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand the next job to the worker unless it is busy (called on the event loop)."""
+        if self._worker_busy:
+            return
+        while self._queue:
+            head = self._queue[0]
+            if isinstance(head, _Commit):
+                group = self._take_group()
+                if not group:
+                    continue
+                work: Callable[[], Any] = functools.partial(self._commit_group_sync, group)
+                loop = group[0].future.get_loop()
+                on_done = functools.partial(self._group_done, group)
+            else:
+                self._queue.popleft()
+                if head.future.done():  # the caller was cancelled before the call started
+                    continue
+                work = head.run
+                loop = head.future.get_loop()
+                on_done = functools.partial(self._call_done, head)
+            try:
+                job = loop.run_in_executor(self._executor, work)
+            except RuntimeError:  # the executor is shut down: the store was closed
+                self._fail_queued("the store is closed")
+                return
+            self._worker_busy = True
+            job.add_done_callback(on_done)
+            return
+
+    def _take_group(self) -> list[_Commit]:
+        group: list[_Commit] = []
+        rows = 0
+        while self._queue and len(group) < GROUP_MAX_BATCHES and rows < GROUP_MAX_RECORDS:
+            head = self._queue[0]
+            if not isinstance(head, _Commit):
+                break
+            self._queue.popleft()
+            if head.future.done():  # cancelled before it started: never committed, never acked
+                continue
+            group.append(head)
+            rows += _row_count(head.rows)
+        return group
+
+    def _error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, sqlite3.Error):
+            error = StoreError(f"SQLite error on {self._path}: {exc}")
+            error.__cause__ = exc
+            return error
+        return exc
+
+    def _call_done(self, call: _Call, job: asyncio.Future[Any]) -> None:
+        self._worker_busy = False
+        if not call.future.done():
+            if job.cancelled():
+                call.future.set_exception(StoreError("the store is closed"))
+            elif (exc := job.exception()) is not None:
+                call.future.set_exception(self._error(exc))
+            else:
+                call.future.set_result(job.result())
+        self._dispatch()
+
+    def _group_done(
+        self, group: list[_Commit], job: asyncio.Future[list[CommitResult | BaseException]]
+    ) -> None:
+        self._worker_busy = False
+        outcomes: list[CommitResult | BaseException]
+        if job.cancelled():
+            outcomes = [StoreError("the store is closed")] * len(group)
+        elif (exc := job.exception()) is not None:
+            outcomes = [exc] * len(group)
+        else:
+            outcomes = job.result()
+        delivered: set[int] = set()
+        for commit, outcome in zip(group, outcomes, strict=True):
+            if commit.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                commit.future.set_exception(_own_error(self._error(outcome), delivered))
+            else:
+                commit.future.set_result(outcome)
+        self._dispatch()
+
+    def _fail_queued(self, message: str) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(StoreError(message))
 
     # -- worker-thread internals ----------------------------------------------------------------
 
@@ -394,18 +550,7 @@ class SqliteStore:
         tx: sqlite3.Connection, gateway_id: str, new: Sequence[tuple[int, int]]
     ) -> CommitResult:
         """Fold `new` into the gateway's watermark and ranges (inside the caller's transaction)."""
-        row = tx.execute(
-            "SELECT committed_seq FROM gateways WHERE gateway_id = ?", (gateway_id,)
-        ).fetchone()
-        watermark = 0 if row is None else int(row[0])
-        ranges = tuple(
-            (int(first), int(last))
-            for first, last in tx.execute(
-                "SELECT first_seq, last_seq FROM committed_ranges WHERE gateway_id = ? "
-                "ORDER BY first_seq",
-                (gateway_id,),
-            )
-        )
+        watermark, ranges = SqliteStore._committed(tx, gateway_id)
         if not new:
             return CommitResult(watermark, ranges)
         new_watermark, new_ranges = absorb(watermark, ranges, new)
@@ -438,114 +583,210 @@ class SqliteStore:
                 (now_ns, stream.gateway_id, stream.stream_id),
             )
 
-    def _commit_telemetry_sync(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
-        with self._transaction() as tx:
-            # Dedupe: every table is keyed by (gateway_id, seq); a replayed record is ignored.
-            if rows.samples:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO samples (gateway_id, seq, device_id, time_ns, payload, "
-                    "boot_id, monotonic_ns, clock_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows.samples,
-                )
-            if rows.latest_points:
-                # Newest seq wins, so a replayed older batch cannot roll a value back.
-                tx.executemany(
-                    "INSERT INTO latest_points (gateway_id, device_id, point, value, unit, "
-                    "quality, time_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
-                    "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
-                    "time_ns = excluded.time_ns, seq = excluded.seq "
-                    "WHERE excluded.seq > latest_points.seq",
-                    rows.latest_points,
-                )
-            if rows.sample_status:
-                tx.executemany(
-                    "INSERT INTO sample_status (gateway_id, device_id, time_ns, seq, ok, error) "
-                    "VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (gateway_id, device_id) DO UPDATE SET "
-                    "time_ns = excluded.time_ns, seq = excluded.seq, ok = excluded.ok, "
-                    "error = excluded.error WHERE excluded.seq > sample_status.seq",
-                    rows.sample_status,
-                )
-            if rows.event_responses:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO event_responses (gateway_id, seq, intent_version, "
-                    "event_id, status, reason, time_ns, effective_start_ns, effective_end_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows.event_responses,
-                )
-            if rows.intent_statuses:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO intent_statuses (gateway_id, seq, version, state, "
-                    "reason, time_ns, active_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows.intent_statuses,
-                )
-            if rows.reported_states:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO reported_states (gateway_id, seq, time_ns, "
-                    "intent_version, active_event_id, source, payload) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows.reported_states,
-                )
-            if rows.decisions:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO decisions (gateway_id, seq, time_ns, summary, payload) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    rows.decisions,
-                )
-            if rows.flexibility:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO flexibility (gateway_id, seq, time_ns, up_w, down_w, "
-                    "payload) VALUES (?, ?, ?, ?, ?, ?)",
-                    rows.flexibility,
-                )
-                # Newest seq wins, so a replayed older batch cannot roll the report back.
-                tx.execute(
-                    "INSERT INTO latest_flexibility (gateway_id, seq, time_ns, up_w, down_w, "
-                    "payload) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id) DO UPDATE SET "
-                    "seq = excluded.seq, time_ns = excluded.time_ns, up_w = excluded.up_w, "
-                    "down_w = excluded.down_w, payload = excluded.payload "
-                    "WHERE excluded.seq > latest_flexibility.seq",
-                    max(rows.flexibility, key=lambda row: row.seq),
-                )
-            if rows.unknown:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO unknown_records (gateway_id, seq, payload) "
-                    "VALUES (?, ?, ?)",
-                    rows.unknown,
-                )
-            if rows.gaps:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO gaps (gateway_id, seq, through_seq, what, records, "
-                    "points, bytes, first_time_ns, last_time_ns, reason, device_ids, "
-                    "received_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*gap, now_ns) for gap in rows.gaps],
-                )
-            if rows.clock_syncs:
-                tx.executemany(
-                    "INSERT OR IGNORE INTO clock_syncs (gateway_id, seq, boot_id, "
-                    "wall_minus_mono_ns, time_ns) VALUES (?, ?, ?, ?, ?)",
-                    rows.clock_syncs,
-                )
-            if rows.clock_syncs or any(not sample.clock_synced for sample in rows.samples):
-                # Samples stamped before their boot's clock was synced get their true time
-                # (monotonic + the offset measured at sync), whichever of the two came first.
-                tx.execute(
-                    "UPDATE samples SET clock_synced = 1, time_ns = monotonic_ns + ("
-                    "SELECT c.wall_minus_mono_ns FROM clock_syncs c "
-                    "WHERE c.gateway_id = samples.gateway_id AND c.boot_id = samples.boot_id "
-                    "ORDER BY c.seq LIMIT 1) "
-                    "WHERE gateway_id = ? AND clock_synced = 0 AND boot_id IN ("
-                    "SELECT boot_id FROM clock_syncs WHERE gateway_id = ?)",
-                    (rows.gateway_id, rows.gateway_id),
-                )
-            tx.execute(
-                "UPDATE gateways SET last_seen_ns = ? WHERE gateway_id = ?",
-                (now_ns, rows.gateway_id),
+    def _commit_group_sync(self, group: Sequence[_Commit]) -> list[CommitResult | BaseException]:
+        """Commit every batch of `group` in one transaction; one outcome per batch, in order.
+
+        Fast path: the whole group at once. If that fails, nothing of it is kept and the group
+        is replayed batch by batch under savepoints, so only the failing batch gets an error.
+        """
+        db = self._conn
+        try:
+            with self._transaction():
+                return list(self._apply_commits(db, group))
+        except Exception as exc:
+            if len(group) == 1 or db.in_transaction:  # (still in one: its rollback failed)
+                return [exc] * len(group)
+            _log.warning(
+                "a group of %d telemetry batches failed (%s); committing them one by one",
+                len(group),
+                exc,
             )
+        outcomes: list[CommitResult | BaseException] = []
+        try:
+            with self._transaction():
+                for commit in group:
+                    db.execute("SAVEPOINT batch")
+                    try:
+                        outcomes += self._apply_commits(db, [commit])
+                    except Exception as exc:
+                        db.execute("ROLLBACK TO batch")
+                        outcomes.append(exc)
+                    db.execute("RELEASE batch")
+        except Exception as exc:
+            # The transaction itself failed (disk full, I/O error): nothing of it is stored.
+            return [exc] * len(group)
+        return outcomes
+
+    def _apply_commits(
+        self, tx: sqlite3.Connection, group: Sequence[_Commit]
+    ) -> list[CommitResult]:
+        """Write the batches of `group` (inside the caller's transaction); what is committed for
+        each batch's gateway as of that batch, as if they were committed one after another."""
+        samples = [row for c in group for row in c.rows.samples]
+        latest = [row for c in group for row in c.rows.latest_points]
+        status = [row for c in group for row in c.rows.sample_status]
+        # Dedupe: every table is keyed by (gateway_id, seq); a replayed record is ignored.
+        if samples:
+            tx.executemany(
+                "INSERT OR IGNORE INTO samples (gateway_id, seq, device_id, time_ns, payload, "
+                "boot_id, monotonic_ns, clock_synced) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                samples,
+            )
+        if latest:
+            # Newest seq wins, so a replayed older batch cannot roll a value back (rows apply
+            # one by one, in group order: the same as committing the batches in turn).
+            tx.executemany(
+                "INSERT INTO latest_points (gateway_id, device_id, point, value, unit, "
+                "quality, time_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
+                "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
+                "time_ns = excluded.time_ns, seq = excluded.seq "
+                "WHERE excluded.seq > latest_points.seq",
+                latest,
+            )
+        if status:
+            tx.executemany(
+                "INSERT INTO sample_status (gateway_id, device_id, time_ns, seq, ok, error) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway_id, device_id) DO UPDATE SET "
+                "time_ns = excluded.time_ns, seq = excluded.seq, ok = excluded.ok, "
+                "error = excluded.error WHERE excluded.seq > sample_status.seq",
+                status,
+            )
+        if any(c.rows.event_responses for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO event_responses (gateway_id, seq, intent_version, "
+                "event_id, status, reason, time_ns, effective_start_ns, effective_end_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.event_responses],
+            )
+        if any(c.rows.intent_statuses for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO intent_statuses (gateway_id, seq, version, state, "
+                "reason, time_ns, active_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.intent_statuses],
+            )
+        if any(c.rows.reported_states for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO reported_states (gateway_id, seq, time_ns, "
+                "intent_version, active_event_id, source, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.reported_states],
+            )
+        if any(c.rows.decisions for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO decisions (gateway_id, seq, time_ns, summary, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.decisions],
+            )
+        if any(c.rows.flexibility for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO flexibility (gateway_id, seq, time_ns, up_w, down_w, "
+                "payload) VALUES (?, ?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.flexibility],
+            )
+            # Newest seq wins, so a replayed older batch cannot roll the report back.
+            tx.executemany(
+                "INSERT INTO latest_flexibility (gateway_id, seq, time_ns, up_w, down_w, "
+                "payload) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id) DO UPDATE SET "
+                "seq = excluded.seq, time_ns = excluded.time_ns, up_w = excluded.up_w, "
+                "down_w = excluded.down_w, payload = excluded.payload "
+                "WHERE excluded.seq > latest_flexibility.seq",
+                [
+                    max(c.rows.flexibility, key=lambda row: row.seq)
+                    for c in group
+                    if c.rows.flexibility
+                ],
+            )
+        if any(c.rows.unknown for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO unknown_records (gateway_id, seq, payload) VALUES (?, ?, ?)",
+                [row for c in group for row in c.rows.unknown],
+            )
+        if any(c.rows.gaps for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO gaps (gateway_id, seq, through_seq, what, records, "
+                "points, bytes, first_time_ns, last_time_ns, reason, device_ids, "
+                "received_at_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*gap, c.now_ns) for c in group for gap in c.rows.gaps],
+            )
+        if any(c.rows.clock_syncs for c in group):
+            tx.executemany(
+                "INSERT OR IGNORE INTO clock_syncs (gateway_id, seq, boot_id, "
+                "wall_minus_mono_ns, time_ns) VALUES (?, ?, ?, ?, ?)",
+                [row for c in group for row in c.rows.clock_syncs],
+            )
+        # Samples stamped before their boot's clock was synced get their true time (monotonic +
+        # the offset measured at the boot's first sync), whichever of the two came first. Run
+        # once per gateway, after every row of the group is in.
+        unsynced = {
+            c.rows.gateway_id: None
+            for c in group
+            if c.rows.clock_syncs or any(not sample.clock_synced for sample in c.rows.samples)
+        }
+        for gateway_id in unsynced:
+            tx.execute(
+                "UPDATE samples SET clock_synced = 1, time_ns = monotonic_ns + ("
+                "SELECT c.wall_minus_mono_ns FROM clock_syncs c "
+                "WHERE c.gateway_id = samples.gateway_id AND c.boot_id = samples.boot_id "
+                "ORDER BY c.seq LIMIT 1) "
+                "WHERE gateway_id = ? AND clock_synced = 0 AND boot_id IN ("
+                "SELECT boot_id FROM clock_syncs WHERE gateway_id = ?)",
+                (gateway_id, gateway_id),
+            )
+        tx.executemany(
+            "UPDATE gateways SET last_seen_ns = ? WHERE gateway_id = ?",
+            [(c.now_ns, c.rows.gateway_id) for c in group],
+        )
+        return self._absorb_group(tx, group)
+
+    def _absorb_group(self, tx: sqlite3.Connection, group: Sequence[_Commit]) -> list[CommitResult]:
+        """Fold each batch's seqs into its gateway's watermark and ranges, in group order; write
+        each gateway's final state once."""
+        stored: dict[str, tuple[int, SeqRanges]] = {}
+        current: dict[str, tuple[int, SeqRanges]] = {}
+        results: list[CommitResult] = []
+        for commit in group:
+            rows = commit.rows
+            state = current.get(rows.gateway_id)
+            if state is None:
+                state = stored[rows.gateway_id] = self._committed(tx, rows.gateway_id)
             if rows.last_seq >= rows.first_seq >= 1:
-                return self._absorb_ranges(tx, rows.gateway_id, [(rows.first_seq, rows.last_seq)])
-            return self._absorb_ranges(tx, rows.gateway_id, [])
+                state = absorb(*state, [(rows.first_seq, rows.last_seq)])
+            current[rows.gateway_id] = state
+            results.append(CommitResult(*state))
+        watermarks = [
+            (watermark, gateway_id)
+            for gateway_id, (watermark, _) in current.items()
+            if watermark != stored[gateway_id][0]
+        ]
+        if watermarks:
+            tx.executemany("UPDATE gateways SET committed_seq = ? WHERE gateway_id = ?", watermarks)
+        for gateway_id, (_, ranges) in current.items():
+            if ranges != stored[gateway_id][1]:
+                tx.execute("DELETE FROM committed_ranges WHERE gateway_id = ?", (gateway_id,))
+                tx.executemany(
+                    "INSERT INTO committed_ranges (gateway_id, first_seq, last_seq) "
+                    "VALUES (?, ?, ?)",
+                    [(gateway_id, first, last) for first, last in ranges],
+                )
+        return results
+
+    @staticmethod
+    def _committed(tx: sqlite3.Connection, gateway_id: str) -> tuple[int, SeqRanges]:
+        """The gateway's watermark (0 for an unknown gateway) and the ranges above it."""
+        row = tx.execute(
+            "SELECT committed_seq FROM gateways WHERE gateway_id = ?", (gateway_id,)
+        ).fetchone()
+        ranges = tuple(
+            (int(first), int(last))
+            for first, last in tx.execute(
+                "SELECT first_seq, last_seq FROM committed_ranges WHERE gateway_id = ? "
+                "ORDER BY first_seq",
+                (gateway_id,),
+            )
+        )
+        return (0 if row is None else int(row[0])), ranges
 
     def _record_delivery_sync(
         self, gateway_id: str, site_id: str, version: int, now_ns: int
@@ -877,7 +1118,12 @@ class SqliteStore:
         await self._call(self._close_stream_sync, stream, now_ns)
 
     async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
-        return await self._call(self._commit_telemetry_sync, rows, now_ns)
+        if self._closed:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Commit(rows, now_ns, future))
+        self._dispatch()
+        return await future
 
     async def gaps(
         self, *, site_id: str | None = None, gateway_id: str | None = None, limit: int = 100

@@ -4,12 +4,15 @@ Every piece of headend state lives behind this protocol, so the process itself i
 second implementation (PostgreSQL with psycopg 3) can replace `SqliteStore` without touching the
 link or the HTTP API. Rules every implementation keeps:
 
-* `commit_telemetry` is one transaction per batch, idempotent per (gateway_id, seq): a replayed
-  record is ignored, never stored twice. It returns only after the commit is durable, because the
-  caller acks the batch to the gateway as soon as it returns. Batches may arrive out of order
-  (a live lane runs ahead of the backlog): the store keeps the contiguous watermark
-  (`gateways.committed_seq`) and the committed ranges above it (`headend_min.seqranges.absorb`)
-  in the same transaction, and applies ClockSync records to unsynced samples of that boot.
+* `commit_telemetry` is atomic per batch (all of it or none; batches of many gateways may share
+  one transaction - group commit - but one batch's failure is its caller's alone) and idempotent
+  per (gateway_id, seq): a replayed record is ignored, never stored twice. It returns only after
+  the commit is durable, because the caller acks the batch to the gateway as soon as it returns.
+  Concurrent calls commit in call order, so one gateway's batches stay ordered. Batches may
+  arrive out of order (a live lane runs ahead of the backlog): the store keeps the contiguous
+  watermark (`gateways.committed_seq`) and the committed ranges above it
+  (`headend_min.seqranges.absorb`) in the same transaction, and applies ClockSync records to
+  unsynced samples of that boot.
 * `register_gateway` counts every seq below the gateway's `oldest_unacked_seq` (or `next_seq`
   when its outbox is empty) as committed: the gateway only deletes what was acked.
 * `append_intent` allocates the site's next version and runs the composer *inside* the same
@@ -116,7 +119,8 @@ class Store(Protocol):
         ...
 
     async def commit_telemetry(self, rows: TelemetryRows, now_ns: int) -> CommitResult:
-        """Store one batch (dedupe on gateway_id+seq); return what is committed for the gateway."""
+        """Store one batch (dedupe on gateway_id+seq); return what is committed for the gateway
+        as of this batch, once that is durable."""
         ...
 
     async def record_intent_delivery(

@@ -2,7 +2,7 @@
 
 Owns argument parsing, running a simulated site until SIGINT/SIGTERM, and the manifest file that
 tells other processes where each simulated device listens. Scenarios and the demo live in
-`hil.scenarios.runner` and are imported only when asked for.
+`hil.scenarios.runner`, the fleet simulator in `hil.fleet`; both are imported only when asked for.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "scenario",
         help="run a scripted HIL scenario (see `dergw hil scenario --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "fleet",
+        help="simulated gateways on the real gRPC link, for headend load "
+        "(see `dergw hil fleet --help`)",
         add_help=False,
     )
     return parser
@@ -124,9 +130,14 @@ def _delegate(func_name: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`dergw hil run|scenario ...`; returns the process exit code."""
+    """`dergw hil run|scenario|fleet ...`; returns the process exit code."""
     if argv and argv[0] == "scenario":
         return _delegate("main", argv[1:])
+    if argv and argv[0] == "fleet":
+        # Imported only when asked for: grpc is not needed to run a simulated site.
+        from hil.fleet import fleet_main
+
+        return fleet_main(argv[1:])
     args = _build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -191,23 +191,23 @@ class Bench:
         if down_s:
             await asyncio.sleep(down_s)
         http_addr = self.api.address
-        self.headend = await _spawn(
+        self.headend = await spawn_dergw(
             "headend",
             self.headend_args(self.grpc_target, http_addr),
             self.workdir / "headend.log",
             append=True,
         )
-        await _wait_headend_ready(self.headend)
+        await wait_headend_ready(self.headend)
 
     async def start_extra_headend(self, name: str) -> tuple[ManagedProcess, HeadendApi]:
         """Another headend process on the same database (scale-out), on ports of its own."""
-        process = await _spawn(
+        process = await spawn_dergw(
             name,
             self.headend_args("127.0.0.1:0", "127.0.0.1:0"),
             self.workdir / f"{name}.log",
             append=True,
         )
-        _, http_addr = await _wait_headend_ready(process)
+        _, http_addr = await wait_headend_ready(process)
         return process, self.api_for(http_addr)
 
     async def stop_headend(self) -> None:
@@ -289,7 +289,7 @@ class Bench:
 
     async def start_gateway(self) -> ManagedProcess:
         assert self.gateway_config is not None
-        self.gateway = await _spawn(
+        self.gateway = await spawn_dergw(
             "gateway",
             ["gateway", "run", "--config", str(self.gateway_config)],
             self.workdir / "gateway.log",
@@ -349,7 +349,7 @@ def _dergw_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "gateway.cli", *args]
 
 
-async def _spawn(
+async def spawn_dergw(
     name: str, args: list[str], log_path: Path, *, append: bool = False
 ) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -368,7 +368,7 @@ async def _spawn(
     return ManagedProcess(name, process, log_path, len(READY_PATTERN.findall(previous)))
 
 
-async def _wait_headend_ready(headend: ManagedProcess, timeout_s: float = 30.0) -> tuple[str, str]:
+async def wait_headend_ready(headend: ManagedProcess, timeout_s: float = 30.0) -> tuple[str, str]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not headend.running:
@@ -621,13 +621,13 @@ async def open_bench(
             tls=tls,
         )
         if foreign_headend is None:
-            headend = await _spawn(
+            headend = await spawn_dergw(
                 "headend",
                 bench.headend_args("127.0.0.1:0", "127.0.0.1:0"),
                 workdir / "headend.log",
                 append=True,
             )
-            grpc_addr, http_addr = await _wait_headend_ready(headend)
+            grpc_addr, http_addr = await wait_headend_ready(headend)
             bench.headend = headend
             bench.grpc_target = grpc_addr
             bench.api = bench.api_for(http_addr)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
 from dergw.v1 import pb
-from headend_min.model import CommitResult, TelemetryRows
+from headend_min.model import CommitResult, StoredIntent, TelemetryRows
 from headend_min.sqlite_store import SqliteStore
 from tests.headend.fake_gateway import (
     FakeGateway,
@@ -122,6 +123,7 @@ class _GatedStore:
 
 
 async def test_ack_only_after_commit(runner: HeadendRunner) -> None:
+    assert isinstance(runner.db_path, Path)  # the runner fixture is on SQLite
     inner = await SqliteStore.open(runner.db_path)
     gated = _GatedStore(inner)
     try:
@@ -349,3 +351,48 @@ async def test_reregister_cannot_change_identity_on_a_stream(headend: RunningHea
     code, details = await gateway.wait_closed()
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "must keep its gateway id and site" in details
+
+
+class _CountingStore:
+    """Wraps a store; counts the intent reads."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner = inner
+        self.intent_reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def get_intent(self, site_id: str, version: int | None = None) -> StoredIntent | None:
+        self.intent_reads += 1
+        return await self.inner.get_intent(site_id, version)
+
+
+async def test_one_post_to_a_busy_site_is_read_once_for_all_its_streams(
+    runner: HeadendRunner,
+) -> None:
+    assert isinstance(runner.db_path, Path)  # the runner fixture is on SQLite
+    inner = await SqliteStore.open(runner.db_path)
+    counting = _CountingStore(inner)
+    try:
+        running = await runner.start(store=counting)  # type: ignore[arg-type]
+        gateways = [running.gateway(f"gw-{n}", "site-1") for n in range(20)]
+        await asyncio.gather(*(gateway.connect() for gateway in gateways))
+        response = await running.http.post(
+            "/sites/site-1/intents", json={"default_control": {"export_limit_w": 3000}}
+        )
+        assert response.status_code == 201, response.text
+        documents = await asyncio.gather(*(gateway.next_intent() for gateway in gateways))
+        assert {document.version for document in documents} == {1}
+        # The API's own read (composing v2 reads v1) aside, the 20 streams shared a few reads.
+        assert counting.intent_reads <= 3, counting.intent_reads
+        # A second post is read afresh: no stream is ever sent a cached older version.
+        response = await running.http.post(
+            "/sites/site-1/intents", json={"default_control": {"export_limit_w": 2000}}
+        )
+        assert response.status_code == 201, response.text
+        documents = await asyncio.gather(*(gateway.next_intent() for gateway in gateways))
+        assert {document.version for document in documents} == {2}
+        await runner.stop()
+    finally:
+        await inner.close()

@@ -3,14 +3,16 @@
 The SqliteStore tests open their store from a tmp_path, so they cannot take another store as a
 fixture; the contract tests here mirror them one by one, and `test_same_answers_as_sqlite` runs
 one scenario (out-of-order lanes, replays, gaps, clock syncs, intents) against both stores and
-compares every read. Then: migrations racing, commits racing across instances, COPY vs. the
-ON CONFLICT path, an outage and its recovery, and the LISTEN/NOTIFY notifier.
+compares every read; the group-commit scenarios of test_sqlite_store run here too. Then:
+migrations racing, commits racing across instances, COPY vs. the ON CONFLICT path, an outage
+and its recovery, and the LISTEN/NOTIFY notifier.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -54,6 +56,15 @@ from tests.headend.fake_gateway import (
     site,
 )
 from tests.headend.pg_support import PgDatabase, pg_db
+from tests.headend.test_sqlite_store import (
+    a_refused_batch_fails_alone,
+    a_resend_in_the_same_group_is_stored_once,
+    acked_batches,
+    check_acked_batches,
+    many_gateways_commit_at_once,
+    one_gateways_commits_stay_ordered,
+    register_fleet,
+)
 
 __all__ = ["pg_db"]  # the fixture, re-exported for pytest
 
@@ -263,8 +274,9 @@ def _at(record: pb.Record, time_ns: int) -> pb.Record:
     return record
 
 
-async def _scenario(store: Store) -> dict[str, object]:
-    """Drive `store` through one fleet's day and return every read the API can make."""
+async def _scenario(store: Store, *, at_once: bool = False) -> dict[str, object]:
+    """Drive `store` through one fleet's day and return every read the API can make
+    (`at_once`: every telemetry batch in flight together, so they commit as a group)."""
     devices_1 = [device("pv-1"), device("bat-1", pb.DEVICE_KIND_BATTERY)]
     gw1 = FakeGateway("unused:0", gateway_id="gw-1", site=site("site-1"), devices=devices_1)
     gw2 = FakeGateway("unused:0", gateway_id="gw-2", site=site("site-1"), devices=[device("pv-9")])
@@ -323,9 +335,13 @@ async def _scenario(store: Store) -> dict[str, object]:
         ),  # a range above the watermark that stays open
         _numbered("gw-2", 1, [_device_sample("pv-9", 0.0, time_ns=at(1))]),
     ]
-    outcomes.extend(
-        [await store.commit_telemetry(plan_telemetry(b, b.gateway_id), NOW) for b in batches]
-    )
+    planned = [plan_telemetry(b, b.gateway_id) for b in batches]
+    if at_once:
+        outcomes.extend(
+            await asyncio.gather(*(store.commit_telemetry(rows, NOW) for rows in planned))
+        )
+    else:
+        outcomes.extend([await store.commit_telemetry(rows, NOW) for rows in planned])
 
     def compose(note: str) -> IntentComposer:
         def composer(basis: IntentBasis) -> pb.IntentDocument:
@@ -424,6 +440,57 @@ async def test_same_answers_as_sqlite(store: PgStore, tmp_path: Path) -> None:
     assert times[1] == NOW - 3 * 10**9 + (NOW + 10**9 - NOW + 5 * 10**9)
 
 
+async def test_many_gateways_commit_at_once(store: PgStore) -> None:
+    await many_gateways_commit_at_once(store)
+
+
+async def test_one_gateways_concurrent_commits_stay_ordered(store: PgStore) -> None:
+    await one_gateways_commits_stay_ordered(store)
+
+
+async def test_a_resend_in_the_same_group_is_stored_once(
+    store: PgStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="headend_min.pg_store"):
+        await a_resend_in_the_same_group_is_stored_once(store)
+    assert "without COPY" not in caplog.text  # the group's own duplicates never reach COPY
+
+
+async def test_a_refused_batch_fails_alone(
+    store: PgStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="headend_min.pg_store"):
+        outcomes = await a_refused_batch_fails_alone(store)
+    assert "not-null" in str(outcomes[2])
+    assert "telemetry batches failed" in caplog.text  # the group was retried in halves
+
+
+async def test_acked_batches_survive_reopening(pg_db: PgDatabase) -> None:
+    store = await PgStore.open(pg_db.url)
+    try:
+        fakes = await acked_batches(store, 30)
+    finally:
+        await store.close()
+    reopened = await PgStore.open(pg_db.url)
+    try:
+        await check_acked_batches(reopened, fakes)
+    finally:
+        await reopened.close()
+
+
+async def test_grouped_answers_match_one_by_one(store: PgStore, tmp_path: Path) -> None:
+    # The scenario's batches all in flight at once (one or two groups) answer and store exactly
+    # what SQLite answers and stores committing them one after another.
+    sqlite = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        expected = await _scenario(sqlite)
+    finally:
+        await sqlite.close()
+    got = await _scenario(store, at_once=True)
+    for key in expected:
+        assert got[key] == expected[key], key
+
+
 # -- what only PostgreSQL has -------------------------------------------------------------------
 
 
@@ -470,6 +537,37 @@ async def test_two_instances_allocate_distinct_versions(pg_db: PgDatabase) -> No
         await second.close()
 
 
+async def test_two_instances_group_commit_the_same_gateways(pg_db: PgDatabase) -> None:
+    # Each instance's groups hold many gateways' row locks at once, taken in gateway_id order:
+    # groups of two instances over the same gateways, handed in opposite orders, never deadlock.
+    first = await PgStore.open(pg_db.url)
+    second = await PgStore.open(pg_db.url)
+    try:
+        fakes = await register_fleet(first, 20)
+        rounds = [
+            [
+                plan_telemetry(
+                    fake.batch([sample_record("pv-1", {"W": (float(k), "W")})]), fake.gateway_id
+                )
+                for fake in fakes
+            ]
+            for k in range(6)
+        ]
+        calls = []
+        for k, batches in enumerate(rounds):
+            instance, ordered = (first, batches) if k % 2 else (second, batches[::-1])
+            calls += [instance.commit_telemetry(rows, NOW) for rows in ordered]
+        await asyncio.gather(*calls)
+        gateways = await second.list_gateways()
+        assert {g.committed_seq for g in gateways} == {6}
+        with pg_db.connect() as db:
+            assert db.execute("SELECT count(*) FROM committed_ranges").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM samples").fetchone() == (120,)
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_a_stray_duplicate_falls_back_from_copy(store: PgStore, pg_db: PgDatabase) -> None:
     fake = _fake()
     await store.register_gateway(
@@ -508,6 +606,14 @@ async def _outage_and_recovery(store: PgStore, pg_db: PgDatabase) -> None:
         with pytest.raises(StoreError, match="PostgreSQL"):
             await store.commit_telemetry(plan_telemetry(batch, "gw-1"), NOW)
         assert time.monotonic() - started < 10  # bounded by the pool timeout, no hang
+        # A whole group fails at once (not batch by batch), each caller with its own error.
+        grouped = await asyncio.gather(
+            *(store.commit_telemetry(plan_telemetry(batch, "gw-1"), NOW) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(error, StoreError) for error in grouped), grouped
+        assert len({id(error) for error in grouped}) == 5
+        assert time.monotonic() - started < 20
     finally:
         pg_db.come_back()
     deadline = time.monotonic() + 30
@@ -524,7 +630,7 @@ async def _outage_and_recovery(store: PgStore, pg_db: PgDatabase) -> None:
 
 
 def test_bulk_column_lists_follow_the_row_types() -> None:
-    # COPY writes SampleRow tuples positionally, and the JSON upserts name their columns: a
+    # COPY writes SampleRow tuples positionally, and so do the JSON upserts: a
     # field added to a row type must be added to the PostgreSQL column lists (and schema) too.
     def columns(text: str) -> tuple[str, ...]:
         return tuple(column.strip() for column in text.split(","))
@@ -532,7 +638,9 @@ def test_bulk_column_lists_follow_the_row_types() -> None:
     assert columns(pg_store._SAMPLE_COLUMNS) == SampleRow._fields
     assert len(pg_store._SAMPLE_COPY_TYPES) == len(SampleRow._fields)
     assert columns(pg_store._LATEST_COLUMNS) == LatestPointRow._fields
+    assert len(pg_store._LATEST_TYPES) == len(LatestPointRow._fields)
     assert columns(pg_store._STATUS_COLUMNS) == SampleStatusRow._fields
+    assert len(pg_store._STATUS_TYPES) == len(SampleStatusRow._fields)
 
 
 def test_messages_never_show_the_password() -> None:

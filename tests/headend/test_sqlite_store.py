@@ -1,19 +1,29 @@
-"""SqliteStore on a real file: migrations, dedupe, ordering guards, transactions, presence."""
+"""SqliteStore on a real file: migrations, dedupe, ordering guards, transactions, presence,
+and group commit (many gateways' batches in one transaction, each caller its own answer).
+
+The group-commit scenarios take any `Store`; test_pg_store runs them against PostgreSQL too.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from dergw.v1 import pb
 from headend_min.ingest import plan_telemetry, registration_from_pb
 from headend_min.intents import InvalidIntentError
-from headend_min.model import CommitResult, HistoryQuery, IntentBasis, StreamRef
+from headend_min.model import CommitResult, HistoryQuery, IntentBasis, StreamRef, TelemetryRows
+from headend_min.seqranges import SeqRanges, absorb
 from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.sqlite_store import SqliteStore
-from headend_min.store import SchemaTooNewError, StoreError, UnknownSiteError
+from headend_min.store import SchemaTooNewError, Store, StoreError, UnknownSiteError
 from tests.headend.fake_gateway import FakeGateway, device, sample_record, site
 
 NOW = 1_700_000_000 * 10**9
@@ -139,3 +149,248 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="closed"):
         await store.list_sites()
+
+
+# -- group commit (scenarios shared with test_pg_store) -----------------------------------------
+
+
+async def register_fleet(store: Store, count: int) -> list[FakeGateway]:
+    """`count` registered gateways (gw-000...), four to a site, one device pv-1 each."""
+    fakes = [
+        FakeGateway(
+            "unused:0",
+            gateway_id=f"gw-{i:03d}",
+            site=site(f"site-{i // 4}"),
+            devices=[device("pv-1")],
+        )
+        for i in range(count)
+    ]
+    for fake in fakes:
+        await store.register_gateway(
+            registration_from_pb(fake.register_message().register),
+            StreamRef(fake.gateway_id, "s"),
+            NOW,
+        )
+    return fakes
+
+
+def _one_sample(fake: FakeGateway, value: float) -> TelemetryRows:
+    return plan_telemetry(
+        fake.batch([sample_record("pv-1", {"W": (value, "W")}, time_ns=NOW)]), fake.gateway_id
+    )
+
+
+async def many_gateways_commit_at_once(store: Store) -> None:
+    """Every batch of 40 gateways in flight at once: each caller gets its own gateway's answer,
+    as of its own batch, and everything is stored."""
+    fakes = await register_fleet(store, 40)
+    rounds = 5
+    planned = [[_one_sample(fake, float(k)) for fake in fakes] for k in range(rounds)]
+    results = await asyncio.gather(
+        *(store.commit_telemetry(rows, NOW + k) for k in range(rounds) for rows in planned[k])
+    )
+    assert results == [CommitResult(k + 1, ()) for k in range(rounds) for _ in fakes]
+    gateways = await store.list_gateways()
+    assert {(g.gateway_id, g.committed_seq) for g in gateways} == {
+        (fake.gateway_id, rounds) for fake in fakes
+    }
+    assert {g.last_seen_ns for g in gateways} == {NOW + rounds - 1}
+    latest = await store.latest_points(site_id="site-3", device_id="pv-1")
+    assert [(p.value, p.seq) for p in latest] == [(float(rounds - 1), rounds)] * 4
+    page = await store.point_history(HistoryQuery("site-0", "pv-1", "W", None, None, 100))
+    assert len(page.points) == 4 * rounds
+
+
+async def one_gateways_commits_stay_ordered(store: Store) -> None:
+    """Batches of one gateway in flight together (out of seq order, as two lanes send them) get
+    the answers committing them one after another in call order gives."""
+    (fake,) = await register_fleet(store, 1)
+    batches = [_one_sample(fake, float(i)) for i in range(12)]
+    order = [3, 0, 1, 7, 2, 11, 4, 5, 6, 10, 9, 8]
+    results = await asyncio.gather(*(store.commit_telemetry(batches[i], NOW) for i in order))
+    expected: list[CommitResult] = []
+    watermark, ranges = 0, cast(SeqRanges, ())
+    for i in order:
+        watermark, ranges = absorb(watermark, ranges, [(i + 1, i + 1)])
+        expected.append(CommitResult(watermark, ranges))
+    assert results == expected
+    assert expected[-1] == CommitResult(12, ())
+    latest = await store.latest_points(site_id="site-0", device_id="pv-1")
+    assert [(p.value, p.seq) for p in latest] == [(11.0, 12)]
+
+
+async def a_resend_in_the_same_group_is_stored_once(store: Store) -> None:
+    """A batch and its resend (e.g. over a second stream) in flight together: both answered,
+    its records stored once."""
+    fakes = await register_fleet(store, 3)
+    first = [_one_sample(fake, 1.0) for fake in fakes]
+    second = _one_sample(fakes[1], 2.0)
+    batches = [first[0], first[1], first[2], second, first[1], second, first[1]]
+    results = await asyncio.gather(*(store.commit_telemetry(rows, NOW) for rows in batches))
+    assert [r.committed_seq for r in results] == [1, 1, 1, 2, 2, 2, 2]
+    page = await store.point_history(HistoryQuery("site-0", "pv-1", "W", None, None, 100))
+    assert sorted((p.gateway_id, p.seq) for p in page.points) == [
+        ("gw-000", 1),
+        ("gw-001", 1),
+        ("gw-001", 2),
+        ("gw-002", 1),
+    ]
+
+
+def refused_batch(fake: FakeGateway) -> TelemetryRows:
+    """A batch the database refuses (a latest value without a unit breaks NOT NULL)."""
+    rows = _one_sample(fake, 1.0)
+    unitless = rows.latest_points[0]._replace(unit=cast(str, None))  # what the type forbids
+    return dataclasses.replace(rows, latest_points=[unitless])
+
+
+async def a_refused_batch_fails_alone(store: Store) -> list[CommitResult | BaseException]:
+    """One batch in a group breaks a constraint: its caller gets StoreError, every other batch
+    of the group commits and is answered."""
+    fakes = await register_fleet(store, 4)
+    # The first call runs alone (the store is idle); the rest queue up behind it as one group.
+    batches = [_one_sample(fakes[0], 1.0), _one_sample(fakes[1], 1.0), refused_batch(fakes[2])]
+    batches += [_one_sample(fakes[3], 1.0), _one_sample(fakes[0], 2.0)]
+    outcomes = await asyncio.gather(
+        *(store.commit_telemetry(rows, NOW) for rows in batches), return_exceptions=True
+    )
+    assert isinstance(outcomes[2], StoreError), outcomes[2]
+    assert [outcomes[i] for i in (0, 1, 3, 4)] == [
+        CommitResult(1, ()),
+        CommitResult(1, ()),
+        CommitResult(1, ()),
+        CommitResult(2, ()),
+    ]
+    committed = {g.gateway_id: g.committed_seq for g in await store.list_gateways()}
+    assert committed == {"gw-000": 2, "gw-001": 1, "gw-002": 0, "gw-003": 1}
+    # The refused gateway is not wedged: its resend (now valid) commits.
+    fakes[2].next_seq = 1
+    assert await store.commit_telemetry(_one_sample(fakes[2], 1.0), NOW) == CommitResult(1, ())
+    return outcomes
+
+
+async def acked_batches(store: Store, count: int) -> list[FakeGateway]:
+    """Commit `count` gateways' first three batches at once; all acked (returned)."""
+    fakes = await register_fleet(store, count)
+    planned = [_one_sample(fake, float(k)) for k in range(3) for fake in fakes]
+    results = await asyncio.gather(*(store.commit_telemetry(rows, NOW) for rows in planned))
+    assert [r.committed_seq for r in results[-count:]] == [3] * count
+    return fakes
+
+
+async def check_acked_batches(store: Store, fakes: Sequence[FakeGateway]) -> None:
+    committed = {g.gateway_id: g.committed_seq for g in await store.list_gateways()}
+    assert committed == {fake.gateway_id: 3 for fake in fakes}
+    page = await store.point_history(HistoryQuery("site-0", "pv-1", "W", None, None, 100))
+    assert sorted((p.gateway_id, p.seq) for p in page.points) == sorted(
+        (fake.gateway_id, seq) for fake in fakes[:4] for seq in (1, 2, 3)
+    )
+
+
+async def test_many_gateways_commit_at_once(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        await many_gateways_commit_at_once(store)
+    finally:
+        await store.close()
+
+
+async def test_one_gateways_concurrent_commits_stay_ordered(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        await one_gateways_commits_stay_ordered(store)
+    finally:
+        await store.close()
+
+
+async def test_a_resend_in_the_same_group_is_stored_once(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        await a_resend_in_the_same_group_is_stored_once(store)
+    finally:
+        await store.close()
+
+
+async def test_a_refused_batch_fails_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        with caplog.at_level(logging.WARNING, logger="headend_min.sqlite_store"):
+            outcomes = await a_refused_batch_fails_alone(store)
+        assert "NOT NULL" in str(outcomes[2])
+        # The refused batch really shared a group with good ones, which were then replayed.
+        assert "a group of 4 telemetry batches failed" in caplog.text
+    finally:
+        await store.close()
+
+
+async def test_acked_batches_survive_reopening(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        fakes = await acked_batches(store, 30)
+    finally:
+        await store.close()
+    reopened = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        await check_acked_batches(reopened, fakes)
+    finally:
+        await reopened.close()
+
+
+async def test_other_calls_keep_their_place_among_commits(tmp_path: Path) -> None:
+    store, fake, _ = await _registered(tmp_path / "h.sqlite3")
+    try:
+        batches = [plan_telemetry(fake.batch([sample_record("pv-1", {"W": (1.0, "W")})]), "gw-1")]
+        batches.append(
+            plan_telemetry(fake.batch([sample_record("pv-1", {"W": (2.0, "W")})]), "gw-1")
+        )
+        first, seen_first, second, seen_second = await asyncio.gather(
+            store.commit_telemetry(batches[0], NOW),
+            store.get_gateway("gw-1"),
+            store.commit_telemetry(batches[1], NOW),
+            store.get_gateway("gw-1"),
+        )
+        assert (first, second) == (CommitResult(1, ()), CommitResult(2, ()))
+        assert seen_first is not None
+        assert seen_second is not None
+        assert (seen_first.committed_seq, seen_second.committed_seq) == (1, 2)
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_caller_does_not_stall_the_queue(tmp_path: Path) -> None:
+    store, fake, _ = await _registered(tmp_path / "h.sqlite3")
+    try:
+        rows = [
+            plan_telemetry(fake.batch([sample_record("pv-1", {"W": (float(i), "W")})]), "gw-1")
+            for i in range(3)
+        ]
+        running = asyncio.ensure_future(store.commit_telemetry(rows[0], NOW))
+        queued = asyncio.ensure_future(store.commit_telemetry(rows[1], NOW))
+        await asyncio.sleep(0)  # both are queued, the first one is on the worker
+        queued.cancel()
+        # The cancelled batch never commits (so never acks); the next ones are not held up.
+        assert await running == CommitResult(1, ())
+        assert await store.commit_telemetry(rows[2], NOW) == CommitResult(1, ((3, 3),))
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+    finally:
+        await store.close()
+
+
+async def test_closing_fails_what_is_still_queued(tmp_path: Path) -> None:
+    store, fake, _ = await _registered(tmp_path / "h.sqlite3")
+    rows = [
+        plan_telemetry(fake.batch([sample_record("pv-1", {"W": (float(i), "W")})]), "gw-1")
+        for i in range(2)
+    ]
+    before = asyncio.ensure_future(store.commit_telemetry(rows[0], NOW))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    with pytest.raises(StoreError, match="closed"):
+        await store.commit_telemetry(rows[1], NOW)
+    await closing
+    # Queued before close: committed and answered.
+    assert await before == CommitResult(1, ())
