@@ -111,7 +111,7 @@ class History(StateFile):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        conn, db = open_state_db(
+        conn = open_state_db(
             self._path,
             synchronous="NORMAL",
             what="history",
@@ -125,19 +125,11 @@ class History(StateFile):
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                db.table("minutes").create(
-                    {
-                        "minute": int,
-                        "pv_w": float,
-                        "load_w": float,
-                        "battery_w": float,
-                        "battery_energy_wh": float,
-                        "pv_limited": int,
-                    },
-                    pk="minute",
-                    not_null={"pv_limited"},
+                conn.execute(
+                    "CREATE TABLE minutes (minute INTEGER PRIMARY KEY, pv_w REAL, load_w REAL, "
+                    "battery_w REAL, battery_energy_wh REAL, pv_limited INTEGER NOT NULL)"
                 )
-                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version != _SCHEMA_VERSION:
                 raise HistorySchemaError(
                     f"history {self._path} has schema version {version}, this dergw knows "

@@ -41,17 +41,16 @@ import secrets
 import shutil
 import ssl
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+# X.509 and the HTTPS client (~4 MB resident together) are imported by the functions that use
+# them: a gateway without `[uplink] tls` never needs them.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "CERTIFICATE_HEADER",
@@ -170,10 +169,14 @@ def _new_generation(directory: Path) -> Path:
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -183,6 +186,10 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def build_csr(key: ec.EllipticCurvePrivateKey, gateway_id: str) -> bytes:
     """A PEM CSR with CN=<gateway_id>, signed by `key` (the headend sets the real subject)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, gateway_id)]))
@@ -288,6 +295,10 @@ def _utc(now: datetime) -> datetime:
 
 
 def _load_key(pem: bytes, source: Path) -> ec.EllipticCurvePrivateKey:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -298,6 +309,8 @@ def _load_key(pem: bytes, source: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _common_name(cert: x509.Certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     value = names[0].value if names else ""
     return value if isinstance(value, str) else value.decode()
@@ -307,6 +320,10 @@ def _check_certificate(
     cert_pem: bytes, ca_pem: bytes, key: ec.EllipticCurvePrivateKey, *, source: str
 ) -> x509.Certificate:
     """The leaf in `cert_pem`, checked to hold `key`'s public key and be signed by the CA."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         cas = x509.load_pem_x509_certificates(ca_pem)
@@ -377,6 +394,8 @@ def _post_json(
     *,
     headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    import urllib.request
+
     if not url.startswith("https://"):
         raise IdentityError(f"{url}: enrollment needs an https:// URL (the token is a secret)")
     request = urllib.request.Request(
@@ -527,6 +546,10 @@ SIGNATURE_HEADER = "X-Dergw-Signature"
 def renewal_headers(current: Identity, body: bytes) -> dict[str, str]:
     """Authenticate a renewal request by the current identity (headend_min.enroll_api):
     the current certificate (base64 DER) and an ECDSA-SHA256 signature of `body` by its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = _load_key(current.private_key_pem, current.key_path)
     cert = x509.load_pem_x509_certificate(current.certificate_pem)
     return {

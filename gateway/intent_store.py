@@ -124,7 +124,7 @@ class IntentStore(StateFile):
         self._conn = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        conn, db = open_state_db(
+        conn = open_state_db(
             self._path,
             synchronous="FULL",
             what="intent store",
@@ -138,29 +138,17 @@ class IntentStore(StateFile):
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                db.table("intents").create(
-                    {"version": int, "site_id": str, "document": bytes, "received_wall_ns": int},
-                    pk="version",
-                    not_null={"site_id", "document", "received_wall_ns"},
+                conn.execute(
+                    "CREATE TABLE intents (version INTEGER PRIMARY KEY, site_id TEXT NOT NULL, "
+                    "document BLOB NOT NULL, received_wall_ns INTEGER NOT NULL)"
                 )
-                db.table("event_states").create(
-                    {
-                        "event_id": str,
-                        "drawn_start_offset_s": int,
-                        "drawn_duration_offset_s": int,
-                        "last_response": int,
-                        "updated_wall_ns": int,
-                        "withdrawn_mask": int,
-                    },
-                    pk="event_id",
-                    not_null={
-                        "drawn_start_offset_s",
-                        "drawn_duration_offset_s",
-                        "last_response",
-                        "updated_wall_ns",
-                    },
+                conn.execute(
+                    "CREATE TABLE event_states (event_id TEXT PRIMARY KEY, "
+                    "drawn_start_offset_s INTEGER NOT NULL, "
+                    "drawn_duration_offset_s INTEGER NOT NULL, last_response INTEGER NOT NULL, "
+                    "updated_wall_ns INTEGER NOT NULL, withdrawn_mask INTEGER)"
                 )
-                db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version == 1:
                 # Upgrade in place: nothing held is lost (the column defaults to no withdrawal).
                 conn.execute(

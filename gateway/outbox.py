@@ -87,7 +87,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-import sqlite_utils
 from google.protobuf.message import Message
 
 from dergw.v1 import ns_from_timestamp, pb, timestamp_from_ns
@@ -707,7 +706,7 @@ class Outbox(StateFile):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            conn, db = open_state_db(
+            conn = open_state_db(
                 self._path,
                 synchronous="NORMAL",
                 what="outbox",
@@ -727,7 +726,7 @@ class Outbox(StateFile):
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                self._create_schema(db)
+                self._create_schema(conn)
             elif version == 1:
                 self._migrate_from_1(conn)
             elif version != _SCHEMA_VERSION:
@@ -768,19 +767,16 @@ class Outbox(StateFile):
         return conn
 
     @staticmethod
-    def _create_schema(db: sqlite_utils.Database) -> None:
+    def _create_schema(db: sqlite3.Connection) -> None:
         db.execute(
             "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, kind INTEGER NOT NULL, "
             "created_wall_ns INTEGER NOT NULL, payload BLOB NOT NULL, "
             "through_seq INTEGER NOT NULL)"
         )
-        db.table("outbox_meta").create({"key": str, "value": int}, pk="key", not_null={"value"})
-        db.table("outbox_meta").insert_all(
-            [
-                {"key": "next_seq", "value": _FIRST_SEQ},
-                {"key": "durable_syncs", "value": 0},
-                {"key": "shed_records", "value": 0},
-            ]
+        db.execute("CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        db.executemany(
+            "INSERT INTO outbox_meta (key, value) VALUES (?, ?)",
+            [("next_seq", _FIRST_SEQ), ("durable_syncs", 0), ("shed_records", 0)],
         )
         db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 

@@ -14,8 +14,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Literal, Self
 
-import sqlite_utils
-
 __all__ = ["StateFile", "open_state_db"]
 
 
@@ -71,7 +69,7 @@ def open_state_db(
     corrupt_error: type[Exception],
     corrupt_advice: str,
     pragmas: tuple[str, ...] = (),
-) -> tuple[sqlite3.Connection, sqlite_utils.Database]:
+) -> sqlite3.Connection:
     """Open `path` and return it inside BEGIN IMMEDIATE (the caller COMMITs or ROLLBACKs).
 
     what:           how the file is named in messages ("outbox", "intent store").
@@ -87,8 +85,7 @@ def open_state_db(
         # EXCLUSIVE before the first WAL access: the lock is taken by the first transaction and
         # held until close, and no -shm file is needed (one process by design).
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        db = sqlite_utils.Database(conn, execute_plugins=False)
-        db.enable_wal()
+        conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
         for pragma in pragmas:
             conn.execute(f"PRAGMA {pragma}")
@@ -108,4 +105,4 @@ def open_state_db(
     except BaseException:
         conn.close()
         raise
-    return conn, db
+    return conn

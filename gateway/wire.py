@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from dergw.v1 import (
     MAX_ABS_WATTS,
     MAX_ID_LENGTH,
@@ -18,7 +20,7 @@ from dergw.v1 import (
     pb,
     timestamp_from_ns,
 )
-from drivers.contract import DeviceInfo, DeviceKind, Reading
+from drivers.contract import DeviceInfo, DeviceKind, PointSchema, Reading
 from gateway.intent import ControlEvent, Controls, EventStatus, Intent, Program, SiteConstraints
 from gateway.safety import SafeSetpoint
 from gateway.schedule import ActiveControls, ScopeControls
@@ -187,19 +189,66 @@ def sample_payload(reading: Reading, *, boot_id: str, clock_synced: bool) -> byt
     reading, `boot_id` is the kernel's boot id (gateway.bootid) and `clock_synced` whether the
     wall clock was trusted when the read began (gateway.timesync.SampleClock). An untrusted
     sample's true time is monotonic_ns + the offset of its boot's ClockSync record.
+
+    The hot path of telemetry (every read of every device): the points never become Python
+    objects. Serialized protobuf messages concatenate into their merge, so the row is the
+    scalar fields, then the schema's names and units (serialized once per schema), then the
+    values and qualities as packed fields written straight from the numpy arrays.
     """
-    return pb.DeviceSample(
+    head = pb.DeviceSample(
         device_id=reading.device_id,
         time=timestamp_from_ns(reading.wall_ns),
         monotonic_ns=reading.mono_ns,
-        names=reading.schema.names,
-        units=reading.schema.units,
-        values=reading.values.tolist(),
-        quality=reading.quality.tolist(),
         error=reading.error or "",
         boot_id=boot_id,
         clock_synced=clock_synced,
     ).SerializeToString()
+    quality = reading.quality
+    if len(quality) and int(quality.max()) > _MAX_ONE_BYTE_VARINT:
+        # Not a Quality value; let protobuf encode whatever it is.
+        points = pb.DeviceSample(values=reading.values.tolist(), quality=quality.tolist())
+        return head + _schema_fields(reading.schema) + points.SerializeToString()
+    return b"".join(
+        (
+            head,
+            _schema_fields(reading.schema),
+            _packed(_VALUES_TAG, reading.values.astype("<f8", copy=False).tobytes()),
+            _packed(_QUALITY_TAG, quality.astype(np.uint8, copy=False).tobytes()),
+        )
+    )
+
+
+# DeviceSample's packed repeated fields: `values` (6, double) and `quality` (7, enum: varints;
+# every Quality value is below 128, so one byte each).
+_VALUES_TAG = bytes([6 << 3 | 2])
+_QUALITY_TAG = bytes([7 << 3 | 2])
+_MAX_ONE_BYTE_VARINT = 127
+# Serialized names + units per PointSchema (one object per device, so few): id -> (schema, bytes).
+_SCHEMA_FIELDS: dict[int, tuple[PointSchema, bytes]] = {}
+_SCHEMA_CACHE_LIMIT = 4096
+
+
+def _schema_fields(schema: PointSchema) -> bytes:
+    cached = _SCHEMA_FIELDS.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        if len(_SCHEMA_FIELDS) >= _SCHEMA_CACHE_LIMIT:
+            _SCHEMA_FIELDS.clear()
+        encoded = pb.DeviceSample(names=schema.names, units=schema.units).SerializeToString()
+        cached = _SCHEMA_FIELDS[id(schema)] = (schema, encoded)
+    return cached[1]
+
+
+def _packed(tag: bytes, data: bytes) -> bytes:
+    """One packed repeated field: tag, varint length, the encoded elements (none: nothing)."""
+    if not data:
+        return b""
+    length = len(data)
+    varint = bytearray()
+    while length > 0x7F:
+        varint.append(length & 0x7F | 0x80)
+        length >>= 7
+    varint.append(length)
+    return tag + bytes(varint) + data
 
 
 def clock_sync_payload(boot_id: str, wall_minus_mono_ns: int, wall_ns: int) -> bytes:

@@ -55,7 +55,7 @@ __all__ = [
     "percentile",
 ]
 
-# Backoff of a broken session, as the gateway's uplink (tenacity wait_random_exponential).
+# Backoff of a broken session, as the gateway's uplink (full-jitter exponential).
 BACKOFF_MULTIPLIER_S = 0.5
 HEALTHY_SESSION_S = 30.0
 REGISTER_TIMEOUT_S = 10.0

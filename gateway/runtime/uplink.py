@@ -16,7 +16,7 @@ Per session (`gateway.runtime.transport` moves the messages):
        acknowledged (IntentAck), and only then handed to the control loop (the `on_intent`
        callback does all of that); a bare IntentDocument is refused here, unread, as UNSIGNED.
        Every refusal is counted per reason in `UplinkHealth.intent_rejections`.
-A broken session is retried forever with full-jitter exponential backoff (tenacity), reset after
+A broken session is retried forever with full-jitter exponential backoff, reset after
 a session that stayed up. The gateway only dials out.
 
 With `[uplink] tls = true` (the default) every connection is mTLS with the identity from
@@ -34,19 +34,16 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-from tenacity import RetryCallState, wait_random_exponential
-
-from dergw.v1 import MAX_RECORDS_PER_BATCH, grpc_channel_options, pb
-from dergw.v1.dergw_pb2_grpc import GatewayLinkStub
+from dergw.v1 import MAX_RECORDS_PER_BATCH, pb
+from dergw.v1.trust import rejection_name
 from gateway.clock import Clock
 from gateway.config import UplinkConfig
-from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
     Identity,
     IdentityError,
@@ -54,14 +51,12 @@ from gateway.identity import (
     TlsFailure,
     classify_tls_failure,
 )
-from gateway.intent_verify import rejection_name
 from gateway.outbox import AckBeyondHeadError, Outbox, OutboxRow
 from gateway.runtime.recorder import Recorder
-from gateway.runtime.transport import TransportClosedError, UplinkTransport
+from gateway.runtime.transport import UplinkTransport
 from gateway.runtime.uplink_tls import NOT_ENROLLED, UplinkCredentials
 
 __all__ = [
-    "GrpcTransport",
     "RetryAfterError",
     "Uplink",
     "UplinkHealth",
@@ -143,70 +138,18 @@ class UplinkHealth:
     cert_renewals: int = 0
 
 
-class GrpcTransport:
-    """`UplinkTransport` over one gRPC bidi stream (`dergw.v1.GatewayLink/Connect`)."""
+def full_jitter_backoff_s(attempt: int, max_s: float, first_s: float = 0.5) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max_s, first_s * 2**(attempt-1))]
+    (attempt 1, 2, ...), so gateways that lost the same headend do not reconnect in lockstep."""
+    window = max_s if attempt > 64 else min(max_s, first_s * 2.0 ** max(attempt - 1, 0))
+    return random.uniform(0.0, window)
 
-    name = "grpc"
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        keepalive_s: float,
-        identity: Callable[[], Identity] | None = None,
-    ) -> None:
-        self.target = target
-        self._keepalive_s = keepalive_s
-        # None: plaintext (local development); else called per connect (renewals change it).
-        self._identity = identity
-        self._channel: grpc.aio.Channel | None = None
-        self._call: grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage] | None = None
-        self._write_lock = asyncio.Lock()
-
-    async def connect(self) -> None:
-        options = grpc_channel_options(keepalive_s=self._keepalive_s)
-        if self._identity is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
-        else:
-            # The server name checked is the target's host (in the headend certificate's SANs).
-            credentials = channel_credentials(self._identity())
-            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        # No request iterator: this side writes with call.write() (reader/writer style). A dead
-        # headend shows up as an error on the first write or read.
-        self._call = GatewayLinkStub(self._channel).Connect(None)
-
-    def _require_call(self) -> grpc.aio.StreamStreamCall[pb.UpMessage, pb.DownMessage]:
-        if self._call is None:
-            raise TransportClosedError("gRPC stream is not open")
-        return self._call
-
-    async def send(self, message: pb.UpMessage) -> None:
-        call = self._require_call()
-        try:
-            async with self._write_lock:
-                await call.write(message)
-        except grpc.aio.AioRpcError as exc:
-            raise TransportClosedError(f"{exc.code().name}: {exc.details()}") from exc
-        except asyncio.InvalidStateError as exc:  # written after the RPC ended
-            raise TransportClosedError("gRPC stream already ended") from exc
-
-    async def receive(self) -> pb.DownMessage:
-        call = self._require_call()
-        try:
-            message = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise TransportClosedError(f"{exc.code().name}: {exc.details()}") from exc
-        if not isinstance(message, pb.DownMessage):  # grpc.aio.EOF
-            raise TransportClosedError("headend closed the stream")
-        return message
-
-    async def close(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-            self._call = None
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
+def _grpc_errors() -> tuple[type[BaseException], ...]:
+    """gRPC's call error when the transport is gRPC (built before `run`, so grpc is loaded by
+    then); an MQTT uplink never imports grpc."""
+    grpc = sys.modules.get("grpc")
+    return (grpc.aio.AioRpcError,) if grpc is not None else ()
 
 
 def create_transport(
@@ -218,10 +161,14 @@ def create_transport(
 ) -> UplinkTransport:
     """The transport the config names (`[uplink] transport = "grpc" | "mqtt"`); mTLS with
     `identity()` (called per connection), plaintext without."""
+    # Each transport's client library is imported only when the config names it: paho for
+    # MQTT, grpc for gRPC (together ~15 MB of resident memory on the gateway).
     if config.transport == "mqtt":
         from gateway.runtime.mqtt_transport import MqttTransport
 
         return MqttTransport(config, gateway_id=gateway_id, boot_id=boot_id, identity=identity)
+    from gateway.runtime.grpc_transport import GrpcTransport
+
     return GrpcTransport(config.target, keepalive_s=config.keepalive_s, identity=identity)
 
 
@@ -316,7 +263,6 @@ class Uplink:
         self._on_intent = on_intent
         self._inventory_changed = inventory_changed
         self._clock = clock
-        self._wait = wait_random_exponential(multiplier=0.5, max=config.reconnect_max_s)
         self.health = UplinkHealth(
             transport=transport.name,
             target=transport.target,
@@ -331,6 +277,13 @@ class Uplink:
 
     async def run(self) -> None:
         attempt = 0
+        session_errors: tuple[type[BaseException], ...] = (
+            UplinkProtocolError,
+            TimeoutError,
+            ConnectionError,
+            OSError,
+            *_grpc_errors(),
+        )
         while True:
             started = time.monotonic()
             retry_after_s: float | None = None
@@ -358,13 +311,7 @@ class Uplink:
                     # Over MQTT the broker accepts the certificate; the headend says it is
                     # revoked in its answer instead of at the handshake.
                     self._note_tls_failure(TlsFailure.REVOKED.value)
-            except (
-                UplinkProtocolError,
-                TimeoutError,
-                ConnectionError,
-                OSError,
-                grpc.aio.AioRpcError,
-            ) as exc:
+            except session_errors as exc:
                 self.health.last_error = f"{type(exc).__name__}: {exc}"
                 fixed_delay_s = await self._on_failure(exc)
             finally:
@@ -384,9 +331,7 @@ class Uplink:
                 # in lockstep.
                 delay = retry_after_s + random.uniform(0, retry_after_s / 2)
             else:
-                state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-                state.attempt_number = attempt
-                delay = self._wait(state)
+                delay = full_jitter_backoff_s(attempt, self._config.reconnect_max_s)
             self.health.next_retry_s = delay
             if fixed_delay_s is None and (attempt in (1, 2) or attempt % 20 == 0):
                 log.info("uplink: retrying in %.1f s (%s)", delay, self.health.last_error)

@@ -45,6 +45,37 @@ def test_sample_payload_carries_every_time_field() -> None:
     assert sample.aggregated_reads == 0
 
 
+@pytest.mark.parametrize("points", [0, 1, 2, 17, 200])
+@pytest.mark.parametrize("error", [None, "read failed: timeout"])
+def test_sample_payload_decodes_as_protobuf_builds_it(points: int, error: str | None) -> None:
+    """The packed fast path (values and qualities straight from numpy) is the same message as
+    protobuf's own encoding, for any length (varint lengths of 1 and 2 bytes), NaNs and error."""
+    rng = np.random.default_rng(points)
+    schema = PointSchema(
+        names=tuple(f"p{i}" for i in range(points)), units=tuple("W" for _ in range(points))
+    )
+    values = rng.normal(0, 1e6, points)
+    values[::3] = np.nan
+    quality = rng.integers(1, 5, points).astype(np.uint8)
+    reading = Reading("pv1", 1_700_000_000 * S, 7 * S, schema, values, quality, error=error)
+    fast = pb.DeviceSample.FromString(sample_payload(reading, boot_id="b-1", clock_synced=True))
+    reference = pb.DeviceSample(
+        device_id="pv1",
+        time=fast.time,
+        monotonic_ns=7 * S,
+        names=schema.names,
+        units=schema.units,
+        values=values.tolist(),
+        quality=quality.tolist(),
+        error=error or "",
+        boot_id="b-1",
+        clock_synced=True,
+    )
+    assert fast.SerializeToString(deterministic=True) == reference.SerializeToString(
+        deterministic=True
+    )
+
+
 def test_clock_sync_payload() -> None:
     sync = pb.ClockSync.FromString(clock_sync_payload("b-1", -123, 1_700_000_000 * S))
     assert (sync.boot_id, sync.wall_minus_mono_ns) == ("b-1", -123)

@@ -62,9 +62,10 @@ from gateway.identity import (
 )
 from gateway.outbox import Outbox
 from gateway.runtime.app import Gateway as GatewayApp
+from gateway.runtime.grpc_transport import GrpcTransport
 from gateway.runtime.mqtt_transport import MqttTransport
 from gateway.runtime.recorder import Recorder
-from gateway.runtime.uplink import HANDSHAKE_CLOSES_TO_REJECT, GrpcTransport, Uplink
+from gateway.runtime.uplink import HANDSHAKE_CLOSES_TO_REJECT, Uplink
 from gateway.runtime.uplink_tls import (
     NOT_ENROLLED,
     RenewalAction,
