@@ -5,14 +5,24 @@ TelemetryBatch against the contract (gateway id, consecutive seqs, parallel arra
 into the rows each table receives, so the store only runs one executemany per table. Anything
 that breaks the contract raises `ProtocolViolation`, whose message is sent back to the gateway.
 `flexibility_record` decodes a stored Flexibility report for the API.
+
+The latest values are kept as one row per (gateway, device) with the points packed (a compact
+JSON array of `[point, value, unit, quality, time_ns, seq]`, one per point): a batch updates a
+device's row once, not one row per point. `merge_latest_points` folds a group's point rows into
+the stored packs - per point, the larger seq wins, so a partial read (a DNP3 event poll) keeps
+the device's other points and a replayed older batch rolls nothing back - `pack_latest_reads`
+packs the devices a group read once, for a store that replaces packs conditionally, and
+`unpack_latest_points` turns packs back into `LatestPoint`s.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
-from collections.abc import Iterable, Iterator
-from itertools import repeat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import groupby, repeat
+from operator import itemgetter
 
 from google.protobuf.descriptor import EnumDescriptor
 
@@ -27,6 +37,7 @@ from headend_min.model import (
     ForecastPointRecord,
     GapRow,
     IntentStatusRow,
+    LatestPoint,
     LatestPointRow,
     Nameplate,
     PointInfo,
@@ -41,11 +52,15 @@ from headend_min.model import (
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "LatestPack",
     "ProtocolViolation",
     "flexibility_record",
+    "merge_latest_points",
+    "pack_latest_reads",
     "plan_telemetry",
     "registration_from_pb",
     "sample_points",
+    "unpack_latest_points",
     "wire_enum_label",
 ]
 
@@ -438,6 +453,127 @@ def _point_rows(
         strict=False,
     )
     return map(_latest_point_row, rows)
+
+
+# The packed form of a device's latest points: compact JSON (values are finite floats or None,
+# exact in JSON; PostgreSQL may write a whole float without its ".0", `unpack` makes it float).
+_pack = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_device_of = itemgetter(0, 1)
+_point_of = itemgetter(2)
+_seq_of = itemgetter(7)
+_SEQ = 5  # index of the seq in a packed point (and in `LatestPointRow[2:]`)
+_packed_seq = itemgetter(_SEQ)
+
+# A packed latest row: (names, max_seq, points) - the JSON array of its point names, the largest
+# seq of its points, and the points, each `[point, value, unit, quality, time_ns, seq]`.
+LatestPack = tuple[str, int, str]
+
+
+def merge_latest_points(
+    rows: Iterable[LatestPointRow], stored: Mapping[tuple[str, str], LatestPack]
+) -> list[tuple[str, str, str, int, str]]:
+    """(gateway_id, device_id, names, max_seq, points) of every device `rows` touch, by key.
+
+    Each device starts from its stored pack (`stored`, keyed by (gateway_id, device_id); absent
+    = none yet) and takes a row's point where the point is new or the row's seq is larger than
+    the kept one's: the same outcome as upserting the rows one by one in order with "newer seq
+    wins". The usual case - one read of the same points as stored, all newer - replaces the pack
+    without decoding it. Sorted, so two transactions writing the same rows cannot deadlock.
+    """
+    merged: dict[tuple[str, str], list[Sequence[object]] | dict[str, Sequence[object]]] = {}
+    for key, group in groupby(rows, _device_of):
+        chunk = list(group)
+        current = merged.get(key)
+        points: dict[str, Sequence[object]]
+        if current is None:
+            old = stored.get(key)
+            names = list(map(_point_of, chunk))
+            if len(set(names)) == len(chunk) and (
+                old is None or (old[0] == _pack(names) and old[1] < min(map(_seq_of, chunk)))
+            ):
+                merged[key] = [row[2:] for row in chunk]
+                continue
+            points = {p[0]: p for p in json.loads(old[2])} if old is not None else {}
+        elif isinstance(current, list):
+            points = {p[0]: p for p in current}  # type: ignore[misc]
+        else:
+            points = current
+        for row in chunk:
+            kept = points.get(row[2])
+            if kept is None or row[7] > kept[_SEQ]:  # type: ignore[operator]
+                points[row[2]] = row[2:]
+        merged[key] = points
+    packed: list[tuple[str, str, str, int, str]] = []
+    for (gateway_id, device_id), device_points in sorted(merged.items()):
+        values = device_points if isinstance(device_points, list) else list(device_points.values())
+        packed.append(
+            (
+                gateway_id,
+                device_id,
+                _pack([p[0] for p in values]),
+                max(map(_packed_seq, values)),
+                _pack(values),
+            )
+        )
+    return packed
+
+
+def pack_latest_reads(
+    rows: Iterable[LatestPointRow],
+) -> tuple[list[tuple[str, str, str, int, str]], set[tuple[str, str]]]:
+    """Split a group's rows for a store that can replace a pack conditionally (PostgreSQL).
+
+    Returns (reads, others): `reads` packs alone, as `merge_latest_points` rows, each device
+    whose rows are one read (one seq, each point once) - such a pack may replace a stored one of
+    the same `names` and an older `max_seq` as it is - and `others` the keys of every other
+    device, whose rows must be merged with the stored pack.
+    """
+    reads: dict[tuple[str, str], tuple[list[str], int, list[LatestPointRow]]] = {}
+    others: set[tuple[str, str]] = set()
+    for key, group in groupby(rows, _device_of):
+        chunk = list(group)
+        if key in others:
+            continue
+        names = list(map(_point_of, chunk))
+        seqs = set(map(_seq_of, chunk))
+        if key in reads or len(seqs) != 1 or len(set(names)) != len(chunk):
+            reads.pop(key, None)
+            others.add(key)
+            continue
+        reads[key] = (names, seqs.pop(), chunk)
+    packed = [
+        (gateway_id, device_id, _pack(names), seq, _pack([row[2:] for row in chunk]))
+        for (gateway_id, device_id), (names, seq, chunk) in sorted(reads.items())
+    ]
+    return packed, others
+
+
+def unpack_latest_points(
+    rows: Iterable[tuple[str, str, str]], point: str | None = None
+) -> list[LatestPoint]:
+    """The points of packed (gateway_id, device_id, points) rows (only `point`, if given), in
+    (device_id, point, gateway_id) order."""
+    latest = [
+        LatestPoint(
+            gateway_id,
+            device_id,
+            name,
+            None if value is None else float(value),
+            unit,
+            quality,
+            time_ns,
+            seq,
+        )
+        for gateway_id, device_id, packed in rows
+        for name, value, unit, quality, time_ns, seq in json.loads(packed)
+        if point is None or name == point
+    ]
+    latest.sort(key=_latest_order)
+    return latest
+
+
+def _latest_order(point: LatestPoint) -> tuple[str, str, str]:
+    return (point.device_id, point.point, point.gateway_id)
 
 
 def _finite(value: float) -> float | None:

@@ -278,6 +278,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             'ALTER TABLE intents ADD COLUMN posted_by TEXT COLLATE "C"',
         ),
     ),
+    Migration(
+        6,
+        "latest values packed: one row per device, not per point",
+        (
+            # The device's packed latest points (headend_min.ingest merge_latest_points): a
+            # batch rewrites one row per device instead of upserting one per point. `names` and
+            # `max_seq` let a read of the same points replace the row without decoding it.
+            # Every batch rewrites its devices' rows: half-empty pages leave room for the new
+            # versions on the same page, so the updates stay HOT (no index writes) and pruning
+            # reclaims the old ones without waiting for vacuum.
+            """CREATE TABLE latest_values (
+                gateway_id TEXT COLLATE "C" NOT NULL,
+                device_id TEXT COLLATE "C" NOT NULL,
+                names TEXT NOT NULL,
+                max_seq BIGINT NOT NULL,
+                points TEXT NOT NULL,
+                PRIMARY KEY (gateway_id, device_id)
+            ) WITH (fillfactor = 50)""",
+            "INSERT INTO latest_values (gateway_id, device_id, names, max_seq, points) "
+            "SELECT gateway_id, device_id, json_agg(point)::text, MAX(seq), "
+            "json_agg(json_build_array(point, value, unit, quality, time_ns, seq))::text "
+            "FROM latest_points GROUP BY gateway_id, device_id",
+            "DROP TABLE latest_points",
+        ),
+    ),
 )
 
 

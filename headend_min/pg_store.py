@@ -21,8 +21,11 @@ still meet a duplicate (a row no committed range accounts for), the group is ret
 pipelined `INSERT ... ON CONFLICT DO NOTHING` path, so a replay can never wedge a gateway. If a
 group fails for its data (a constraint), it is retried in halves down to the failing batch, so
 only that batch gets the error; a connection or pool failure fails the whole group at once. The
-latest value and sample status upserts send all their rows (collapsed per key, newest seq
-first) as one JSON parameter (an array of arrays): one statement per table per group.
+latest values are one packed row per device (newest seq wins per point): a device read once with
+the points it had replaces its row in one conditional upsert for the whole group, and only the
+others are read, merged here and written back in one more query and upsert each; the sample
+status upsert sends all its rows (collapsed per key, newest seq first) as one JSON
+parameter (an array of arrays): one statement per table per group.
 `synchronous_commit` is left at the server's setting (on), so a commit - and the ack that
 follows it - survives a database crash.
 
@@ -48,7 +51,13 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from dergw.v1 import ns_from_timestamp, pb
-from headend_min.ingest import flexibility_record, sample_points
+from headend_min.ingest import (
+    flexibility_record,
+    merge_latest_points,
+    pack_latest_reads,
+    sample_points,
+    unpack_latest_points,
+)
 from headend_min.model import (
     INTENT_DELIVERY_COLUMNS,
     ApiToken,
@@ -121,9 +130,9 @@ _DEVICE_COLUMNS = (
 _SAMPLE_COLUMNS = (
     "gateway_id, seq, device_id, time_ns, payload, boot_id, monotonic_ns, clock_synced"
 )
-_LATEST_COLUMNS = "gateway_id, device_id, point, value, unit, quality, time_ns, seq"
 _STATUS_COLUMNS = "gateway_id, device_id, time_ns, seq, ok, error"
-_LATEST_TYPES = ("text", "text", "text", "float8", "text", "int4", "int8", "int8")
+_LATEST_COLUMNS = "gateway_id, device_id, names, max_seq, points"
+_LATEST_TYPES = ("text", "text", "text", "int8", "text")
 _STATUS_TYPES = ("text", "text", "int8", "int8", "int2", "text")
 _SAMPLE_COPY_TYPES = ("text", "int8", "text", "int8", "bytea", "text", "int8", "int2")
 
@@ -268,10 +277,6 @@ def _json_rows(rows: Sequence[Sequence[object]]) -> str:
 def _json_select(types: Sequence[str]) -> str:
     """The SELECT list of `_json_rows` rows (`FROM json_array_elements(...) e`), in order."""
     return ", ".join(f"(e->>{index})::{name}" for index, name in enumerate(types))
-
-
-def _latest_point_key(row: LatestPointRow) -> tuple[str, str, str]:
-    return (row.gateway_id, row.device_id, row.point)
 
 
 def _device_key(row: SampleStatusRow) -> tuple[str, str]:
@@ -857,25 +862,54 @@ class PgStore(PooledStore):
             )
 
     @staticmethod
+    async def _write_latest(tx: _Conn, latest: Sequence[LatestPointRow]) -> None:
+        """Fold the group's point rows into the packed latest rows of their devices.
+
+        Per point the newest seq wins, so a partial read keeps the other points and a replayed
+        older batch cannot roll a value back. A device the group read once replaces its pack in
+        one conditional upsert when the stored pack has the same points, all older (the steady
+        state: no read back); every other device's pack is read, merged here and written back.
+        The group holds its gateways' row locks, so nobody writes these rows in between.
+        """
+        reads, others = pack_latest_reads(latest)
+        if reads:
+            cursor = await tx.execute(
+                f"INSERT INTO latest_values ({_LATEST_COLUMNS}) "
+                f"SELECT {_json_select(_LATEST_TYPES)} FROM json_array_elements(%s::json) e "
+                "ON CONFLICT (gateway_id, device_id) DO UPDATE SET names = excluded.names, "
+                "max_seq = excluded.max_seq, points = excluded.points "
+                "WHERE latest_values.names = excluded.names "
+                "AND latest_values.max_seq < excluded.max_seq "
+                "RETURNING gateway_id, device_id",
+                (_json_rows(reads),),
+            )
+            written = set(await cursor.fetchall())
+            others.update(key for key in ((g, d) for g, d, *_ in reads) if key not in written)
+        if not others:
+            return
+        rows = [row for row in latest if (row[0], row[1]) in others]
+        cursor = await tx.execute(
+            f"SELECT {_LATEST_COLUMNS} FROM latest_values WHERE gateway_id = ANY(%s)",
+            (sorted({gateway_id for gateway_id, _ in others}),),
+        )
+        stored = {(row[0], row[1]): row[2:] for row in await cursor.fetchall()}
+        await tx.execute(
+            f"INSERT INTO latest_values ({_LATEST_COLUMNS}) "
+            f"SELECT {_json_select(_LATEST_TYPES)} FROM json_array_elements(%s::json) e "
+            "ON CONFLICT (gateway_id, device_id) DO UPDATE SET names = excluded.names, "
+            "max_seq = excluded.max_seq, points = excluded.points",
+            (_json_rows(merge_latest_points(rows, stored)),),
+        )
+
+    @staticmethod
     async def _insert_other_rows(tx: _Conn, group: Sequence[_Commit]) -> None:
         # Every table is keyed by (gateway_id, seq); a replayed record is ignored. The two
         # upserts that run on every batch take all the group's rows in one statement, one row
         # per key (one statement cannot update a row twice) in key order, so that two
         # transactions touching the same rows cannot deadlock.
-        latest = _newest_by_key(
-            [row for c in group for row in c.rows.latest_points], _latest_point_key
-        )
+        latest = [row for c in group for row in c.rows.latest_points]
         if latest:
-            # Newest seq wins, so a replayed older batch cannot roll a value back.
-            await tx.execute(
-                f"INSERT INTO latest_points ({_LATEST_COLUMNS}) "
-                f"SELECT {_json_select(_LATEST_TYPES)} FROM json_array_elements(%s::json) e "
-                "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
-                "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
-                "time_ns = excluded.time_ns, seq = excluded.seq "
-                "WHERE excluded.seq > latest_points.seq",
-                (_json_rows(latest),),
-            )
+            await PgStore._write_latest(tx, latest)
         status = _newest_by_key([row for c in group for row in c.rows.sample_status], _device_key)
         if status:
             await tx.execute(
@@ -1166,22 +1200,17 @@ class PgStore(PooledStore):
     ) -> list[LatestPoint]:
         conditions: list[str] = []
         params: list[object] = []
-        for column, value in (
-            ("g.site_id", site_id),
-            ("l.device_id", device_id),
-            ("l.point", point),
-        ):
+        for column, value in (("g.site_id", site_id), ("l.device_id", device_id)):
             if value is not None:
                 conditions.append(f"{column} = %s")
                 params.append(value)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = await self._fetchall(
-            "SELECT l.gateway_id, l.device_id, l.point, l.value, l.unit, l.quality, l.time_ns, "
-            "l.seq FROM latest_points l JOIN gateways g ON g.gateway_id = l.gateway_id "
-            f"{where} ORDER BY l.device_id, l.point, l.gateway_id",
+            "SELECT l.gateway_id, l.device_id, l.points FROM latest_values l "
+            f"JOIN gateways g ON g.gateway_id = l.gateway_id {where}",
             params,
         )
-        return [LatestPoint(*row) for row in rows]
+        return unpack_latest_points(rows, point)
 
     async def sample_status(self, site_id: str | None = None) -> list[SampleStatus]:
         query = (

@@ -261,4 +261,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE intents ADD COLUMN posted_by TEXT",
         ),
     ),
+    Migration(
+        6,
+        "latest values packed: one row per device, not per point",
+        (
+            # The device's packed latest points (headend_min.ingest merge_latest_points): a
+            # batch rewrites one row per device instead of upserting one per point. `names` and
+            # `max_seq` let a read of the same points replace the row without decoding it.
+            # A rowid table: the rows (~50 bytes a point) are too wide for WITHOUT ROWID to pay.
+            """CREATE TABLE latest_values (
+                gateway_id TEXT NOT NULL,
+                device_id TEXT NOT NULL,
+                names TEXT NOT NULL,
+                max_seq INTEGER NOT NULL,
+                points TEXT NOT NULL,
+                PRIMARY KEY (gateway_id, device_id)
+            )""",
+            "INSERT INTO latest_values (gateway_id, device_id, names, max_seq, points) "
+            "SELECT gateway_id, device_id, json_group_array(point), MAX(seq), "
+            "json_group_array(json_array(point, value, unit, quality, time_ns, seq)) "
+            "FROM latest_points GROUP BY gateway_id, device_id",
+            "DROP TABLE latest_points",
+        ),
+    ),
 )

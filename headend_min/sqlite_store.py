@@ -3,7 +3,8 @@
 One connection, owned by one dedicated worker thread: every statement runs there, so the event
 loop never blocks on disk and SQLite never sees two threads. WAL mode with synchronous=FULL,
 because the link acks a telemetry batch as soon as `commit_telemetry` returns and an ack must
-survive a power cut. Samples are stored packed: one row per device read, not per point.
+survive a power cut. Samples are stored packed: one row per device read, not per point; so are the
+latest values, one row per device (`ingest.merge_latest_points`: newest seq wins per point).
 
 Telemetry is group-committed: a commit costs an fsync, so one per batch would cap a headend at a
 few hundred batches/s, far below thousands of gateways at one batch a second each. Store calls
@@ -35,7 +36,13 @@ from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from dergw.v1 import ns_from_timestamp, pb
-from headend_min.ingest import flexibility_record, sample_points
+from headend_min.ingest import (
+    LatestPack,
+    flexibility_record,
+    merge_latest_points,
+    sample_points,
+    unpack_latest_points,
+)
 from headend_min.model import (
     INTENT_DELIVERY_COLUMNS,
     ApiToken,
@@ -633,16 +640,14 @@ class SqliteStore:
                 samples,
             )
         if latest:
-            # Newest seq wins, so a replayed older batch cannot roll a value back (rows apply
-            # one by one, in group order: the same as committing the batches in turn).
+            # One packed row per device (read once, merged here, written once): per point the
+            # newest seq wins, so a partial read keeps the other points and a replayed older
+            # batch cannot roll a value back.
             tx.executemany(
-                "INSERT INTO latest_points (gateway_id, device_id, point, value, unit, "
-                "quality, time_ns, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (gateway_id, device_id, point) DO UPDATE SET "
-                "value = excluded.value, unit = excluded.unit, quality = excluded.quality, "
-                "time_ns = excluded.time_ns, seq = excluded.seq "
-                "WHERE excluded.seq > latest_points.seq",
-                latest,
+                "INSERT INTO latest_values (gateway_id, device_id, names, max_seq, points) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gateway_id, device_id) DO UPDATE SET "
+                "names = excluded.names, max_seq = excluded.max_seq, points = excluded.points",
+                merge_latest_points(latest, self._stored_latest(tx, group)),
             )
         if status:
             tx.executemany(
@@ -739,6 +744,19 @@ class SqliteStore:
             [(c.now_ns, c.rows.gateway_id) for c in group],
         )
         return self._absorb_group(tx, group)
+
+    @staticmethod
+    def _stored_latest(
+        tx: sqlite3.Connection, group: Sequence[_Commit]
+    ) -> dict[tuple[str, str], LatestPack]:
+        """The packed latest points of every device of the group's gateways, in one query."""
+        gateway_ids = json.dumps(sorted({c.rows.gateway_id for c in group if c.rows.latest_points}))
+        rows = tx.execute(
+            "SELECT gateway_id, device_id, names, max_seq, points FROM latest_values "
+            "WHERE gateway_id IN (SELECT value FROM json_each(?))",
+            (gateway_ids,),
+        )
+        return {(row[0], row[1]): row[2:] for row in rows}
 
     def _absorb_group(self, tx: sqlite3.Connection, group: Sequence[_Commit]) -> list[CommitResult]:
         """Fold each batch's seqs into its gateway's watermark and ranges, in group order; write
@@ -959,22 +977,17 @@ class SqliteStore:
     ) -> list[LatestPoint]:
         conditions: list[str] = []
         params: list[object] = []
-        for column, value in (
-            ("g.site_id", site_id),
-            ("l.device_id", device_id),
-            ("l.point", point),
-        ):
+        for column, value in (("g.site_id", site_id), ("l.device_id", device_id)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self._conn.execute(
-            "SELECT l.gateway_id, l.device_id, l.point, l.value, l.unit, l.quality, l.time_ns, "
-            "l.seq FROM latest_points l JOIN gateways g ON g.gateway_id = l.gateway_id "
-            f"{where} ORDER BY l.device_id, l.point, l.gateway_id",
+            "SELECT l.gateway_id, l.device_id, l.points FROM latest_values l "
+            f"JOIN gateways g ON g.gateway_id = l.gateway_id {where}",
             params,
         ).fetchall()
-        return [LatestPoint(*row) for row in rows]
+        return unpack_latest_points(rows, point)
 
     def _sample_status_sync(self, site_id: str | None) -> list[SampleStatus]:
         sql = (

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 
 from dergw.v1 import MAX_RECORDS_PER_BATCH, pb
 from headend_min.ingest import (
     ProtocolViolation,
+    merge_latest_points,
+    pack_latest_reads,
     plan_telemetry,
     registration_from_pb,
     sample_points,
+    unpack_latest_points,
     wire_enum_label,
 )
+from headend_min.model import LatestPointRow
 from tests.headend.fake_gateway import (
     FakeGateway,
     device,
@@ -140,3 +145,46 @@ def test_sample_points_and_enum_labels() -> None:
         "REJECTED_INVALID"
     )
     assert wire_enum_label(pb.ResponseStatus.DESCRIPTOR, 999, "RESPONSE_STATUS_") == "UNKNOWN_999"
+
+
+def _point(device_id: str, point: str, value: float, seq: int) -> LatestPointRow:
+    return LatestPointRow("gw-1", device_id, point, value, "W", pb.QUALITY_GOOD, seq * 10, seq)
+
+
+def _unpacked(packed: list[tuple[str, str, str, int, str]]) -> list[tuple[str, str, float, int]]:
+    rows = [(gateway_id, device_id, points) for gateway_id, device_id, _, _, points in packed]
+    return [(p.device_id, p.point, cast(float, p.value), p.seq) for p in unpack_latest_points(rows)]
+
+
+def test_latest_points_merge_per_point_newest_seq_wins() -> None:
+    stored = {
+        (g, d): (names, max_seq, points)
+        for g, d, names, max_seq, points in merge_latest_points(
+            [_point("pv-1", "W", 1.0, 5), _point("pv-1", "Hz", 50.0, 5)], {}
+        )
+    }
+    # Two batches of one group, the same device twice with another device between them; the
+    # second is older for W and a replay for nothing else.
+    rows = [
+        _point("pv-1", "W", 2.0, 7),
+        _point("bat-1", "W", 3.0, 7),
+        _point("pv-1", "W", 9.0, 6),
+        _point("pv-1", "VAR", 4.0, 6),
+    ]
+    merged = merge_latest_points(rows, stored)
+    assert _unpacked(merged) == [
+        ("bat-1", "W", 3.0, 7),
+        ("pv-1", "Hz", 50.0, 5),
+        ("pv-1", "VAR", 4.0, 6),
+        ("pv-1", "W", 2.0, 7),
+    ]
+    assert [(d, max_seq) for _, d, _, max_seq, _ in merged] == [("bat-1", 7), ("pv-1", 7)]
+    # Only bat-1 is one read; pv-1 has two, so it must be merged with what is stored.
+    reads, others = pack_latest_reads(rows)
+    assert [(d, seq) for _, d, _, seq, _ in reads] == [("bat-1", 7)]
+    assert others == {("gw-1", "pv-1")}
+    # A full read of the stored points, all newer, replaces the pack as it is.
+    newer = [_point("pv-1", "W", 5.0, 8), _point("pv-1", "Hz", 49.9, 8)]
+    (read,), _ = pack_latest_reads(newer)
+    assert merge_latest_points(newer, stored) == [read]
+    assert read[2] == stored[("gw-1", "pv-1")][0]  # same names: a conditional upsert takes it

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from dergw.v1 import pb, timestamp_from_ns
@@ -29,13 +30,12 @@ from headend_min.model import (
     HistoryQuery,
     IntentAckInfo,
     IntentBasis,
-    LatestPointRow,
     SampleRow,
     SampleStatusRow,
     StreamRef,
 )
 from headend_min.pg_notify import PgNotifier, parse_payload
-from headend_min.pg_schema import MIGRATIONS
+from headend_min.pg_schema import MIGRATIONS, migrate
 from headend_min.pg_store import PgStore, describe_url
 from headend_min.sqlite_schema import MIGRATIONS as SQLITE_MIGRATIONS
 from headend_min.sqlite_store import SqliteStore
@@ -57,12 +57,15 @@ from tests.headend.fake_gateway import (
 )
 from tests.headend.pg_support import PgDatabase, pg_db
 from tests.headend.test_sqlite_store import (
+    LATEST_V5,
     a_refused_batch_fails_alone,
     a_resend_in_the_same_group_is_stored_once,
     acked_batches,
     check_acked_batches,
+    expected_after_migration,
     many_gateways_commit_at_once,
     one_gateways_commits_stay_ordered,
+    partial_reads_keep_the_other_points,
     register_fleet,
 )
 
@@ -456,6 +459,39 @@ async def test_a_resend_in_the_same_group_is_stored_once(
     assert "without COPY" not in caplog.text  # the group's own duplicates never reach COPY
 
 
+async def test_partial_reads_keep_the_other_points(store: PgStore) -> None:
+    await partial_reads_keep_the_other_points(store)
+
+
+async def test_migration_packs_the_latest_points(pg_db: PgDatabase) -> None:
+    async with await psycopg.AsyncConnection.connect(pg_db.url, autocommit=True) as conn:
+        await migrate(conn, MIGRATIONS[:5])
+        for gateway_id in ("gw-1", "gw-2"):
+            await conn.execute(
+                "INSERT INTO gateways (gateway_id, site_id, software_version, boot_id, "
+                "registered_at_ns) VALUES (%s, 'site-1', '1', 'boot', 0)",
+                (gateway_id,),
+            )
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO latest_points VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", LATEST_V5
+            )
+    store = await PgStore.open(pg_db.url)
+    try:
+        assert await store.schema_version() == 6
+        points = await store.latest_points(site_id="site-1")
+        assert [dataclasses.astuple(p) for p in points] == expected_after_migration()
+        assert all(isinstance(p.value, float | None) for p in points)
+    finally:
+        await store.close()
+    with pg_db.connect() as db:
+        row = db.execute(
+            "SELECT to_regclass('latest_points') IS NULL, "
+            "(SELECT reloptions FROM pg_class WHERE relname = 'latest_values')"
+        ).fetchone()
+    assert row == (True, ["fillfactor=50"])
+
+
 async def test_a_refused_batch_fails_alone(
     store: PgStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -637,8 +673,6 @@ def test_bulk_column_lists_follow_the_row_types() -> None:
 
     assert columns(pg_store._SAMPLE_COLUMNS) == SampleRow._fields
     assert len(pg_store._SAMPLE_COPY_TYPES) == len(SampleRow._fields)
-    assert columns(pg_store._LATEST_COLUMNS) == LatestPointRow._fields
-    assert len(pg_store._LATEST_TYPES) == len(LatestPointRow._fields)
     assert columns(pg_store._STATUS_COLUMNS) == SampleStatusRow._fields
     assert len(pg_store._STATUS_TYPES) == len(SampleStatusRow._fields)
 

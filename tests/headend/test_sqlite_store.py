@@ -237,11 +237,44 @@ async def a_resend_in_the_same_group_is_stored_once(store: Store) -> None:
     ]
 
 
+async def partial_reads_keep_the_other_points(store: Store) -> None:
+    """Latest values are packed per device but merged per point: a read of some points (a DNP3
+    event poll) keeps the others, and a late or replayed older batch rolls no point back, also
+    when the batches go in one group."""
+    (fake,) = await register_fleet(store, 1)
+
+    def read(points: dict[str, float]) -> TelemetryRows:
+        record = sample_record("pv-1", {name: (value, "u") for name, value in points.items()})
+        return plan_telemetry(fake.batch([record]), fake.gateway_id)
+
+    async def latest() -> list[tuple[str, float | None, int]]:
+        points = await store.latest_points(site_id="site-0", device_id="pv-1")
+        return [(p.point, p.value, p.seq) for p in points]
+
+    full = read({"W": 1.0, "VAR": 2.0, "Hz": 50.0})  # seq 1
+    await store.commit_telemetry(full, NOW)
+    await store.commit_telemetry(read({"W": 5.0}), NOW)  # seq 2: only W
+    assert await latest() == [("Hz", 50.0, 1), ("VAR", 2.0, 1), ("W", 5.0, 2)]
+    # A replay of seq 1 changes nothing.
+    await store.commit_telemetry(full, NOW)
+    assert await latest() == [("Hz", 50.0, 1), ("VAR", 2.0, 1), ("W", 5.0, 2)]
+    # One group: the newer batch is handed in before the older one, and each touches a
+    # different subset of the points (a non-finite value is kept as None).
+    older = read({"W": 6.0, "VAR": 7.0})  # seq 3
+    newer = read({"W": 8.0, "Hz": float("nan")})  # seq 4
+    await asyncio.gather(store.commit_telemetry(newer, NOW), store.commit_telemetry(older, NOW))
+    assert await latest() == [("Hz", None, 4), ("VAR", 7.0, 3), ("W", 8.0, 4)]
+    only_w = await store.latest_points(site_id=None, point="W")
+    assert [(p.gateway_id, p.device_id, p.value, p.unit) for p in only_w] == [
+        ("gw-000", "pv-1", 8.0, "u")
+    ]
+
+
 def refused_batch(fake: FakeGateway) -> TelemetryRows:
-    """A batch the database refuses (a latest value without a unit breaks NOT NULL)."""
+    """A batch the database refuses (a sample status without an error text breaks NOT NULL)."""
     rows = _one_sample(fake, 1.0)
-    unitless = rows.latest_points[0]._replace(unit=cast(str, None))  # what the type forbids
-    return dataclasses.replace(rows, latest_points=[unitless])
+    no_error = rows.sample_status[0]._replace(error=cast(str, None))  # what the type forbids
+    return dataclasses.replace(rows, sample_status=[no_error])
 
 
 async def a_refused_batch_fails_alone(store: Store) -> list[CommitResult | BaseException]:
@@ -309,6 +342,66 @@ async def test_a_resend_in_the_same_group_is_stored_once(tmp_path: Path) -> None
         await a_resend_in_the_same_group_is_stored_once(store)
     finally:
         await store.close()
+
+
+async def test_partial_reads_keep_the_other_points(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "h.sqlite3")
+    try:
+        await partial_reads_keep_the_other_points(store)
+    finally:
+        await store.close()
+
+
+# Latest values as schema version 5 kept them, one row per point: (gateway_id, device_id, point,
+# value, unit, quality, time_ns, seq). test_pg_store migrates the same rows.
+LATEST_V5 = [
+    ("gw-1", "pv-1", "W", 1234.5, "W", pb.QUALITY_GOOD, NOW + 1, 7),
+    ("gw-1", "pv-1", "Hz", 100.0, "Hz", pb.QUALITY_GOOD, NOW + 2, 6),
+    ("gw-1", "pv-1", "VAR", None, "var", pb.QUALITY_BAD_COMM, NOW + 1, 7),
+    ("gw-1", "bat-1", "W", 1e-7, "W", pb.QUALITY_GOOD, NOW, 5),
+    ("gw-2", "pv-1", "W", -3.25, "W", pb.QUALITY_GOOD, NOW, 1),
+]
+
+
+def expected_after_migration() -> list[tuple[object, ...]]:
+    """LATEST_V5 as `latest_points` returns it: ordered by device, point, gateway."""
+    return sorted(LATEST_V5, key=lambda row: (row[1], row[2], row[0]))
+
+
+async def test_migration_packs_the_latest_points(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at_ns INTEGER NOT NULL)"
+        )
+        for migration in MIGRATIONS[:5]:
+            for statement in migration.statements:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, 0)",
+                (migration.version, migration.name),
+            )
+        for gateway_id in ("gw-1", "gw-2"):
+            db.execute(
+                "INSERT INTO gateways (gateway_id, site_id, software_version, boot_id, "
+                "registered_at_ns) VALUES (?, 'site-1', '1', 'boot', 0)",
+                (gateway_id,),
+            )
+        db.executemany("INSERT INTO latest_points VALUES (?, ?, ?, ?, ?, ?, ?, ?)", LATEST_V5)
+    db.close()
+    store = await SqliteStore.open(path)
+    try:
+        assert await store.schema_version() == 6
+        points = await store.latest_points(site_id="site-1")
+        assert [dataclasses.astuple(p) for p in points] == expected_after_migration()
+        assert all(isinstance(p.value, float | None) for p in points)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert "latest_points" not in tables
 
 
 async def test_a_refused_batch_fails_alone(
