@@ -32,6 +32,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dergw.v1.trust import TrustedKeys, TrustedKeysError
 from gateway.config import ConfigError, load_config
 from gateway.identity import (
     EnrollmentRefusedError,
@@ -41,7 +42,6 @@ from gateway.identity import (
     stage_renewal,
     write_private_file,
 )
-from gateway.intent_verify import TrustedKeys, TrustedKeysError
 
 __all__ = ["EnrollUsageError", "main", "run_enroll", "run_renew"]
 

@@ -36,7 +36,6 @@ import base64
 import contextlib
 import enum
 import json
-import os
 import secrets
 import shutil
 import ssl
@@ -45,6 +44,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dergw.v1.enrollment import (
+    CERTIFICATE_HEADER,
+    SIGNATURE_HEADER,
+    build_csr,
+    renew_at,
+    write_private_file,
+)
 
 # X.509 and the HTTPS client (~4 MB resident together) are imported by the functions that use
 # them: a gateway without `[uplink] tls` never needs them.
@@ -116,32 +123,6 @@ class EnrollmentRefusedError(IdentityError):
 # -- files -------------------------------------------------------------------------------------
 
 
-def write_private_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write `data` to `path` atomically (temp file, fsync, rename, fsync dir) with `mode`.
-
-    The temp file is created with `mode` already set, so a key is never readable by others,
-    not even for a moment.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed the mode given to os.open
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _identity_dir(state_dir: Path) -> Path:
     directory = state_dir / IDENTITY_DIRNAME
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -182,25 +163,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def build_csr(key: ec.EllipticCurvePrivateKey, gateway_id: str) -> bytes:
-    """A PEM CSR with CN=<gateway_id>, signed by `key` (the headend sets the real subject)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, gateway_id)]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def renew_at(not_before: datetime, not_after: datetime) -> datetime:
-    """When to renew a certificate: at 2/3 of its lifetime (reference/appliance.md §4.2)."""
-    return not_before + (not_after - not_before) * 2 / 3
 
 
 # -- the identity ------------------------------------------------------------------------------
@@ -444,7 +406,7 @@ def _pem_field(answer: dict[str, Any], name: str) -> bytes:
 @dataclass(frozen=True)
 class Enrolled:
     """What `enroll` got: the new identity, and the intent trust file text if the headend sent
-    one (gateway.intent_verify format)."""
+    one (dergw.v1.trust format)."""
 
     identity: Identity
     intent_keys: str | None
@@ -537,10 +499,6 @@ def stage_certificate(state_dir: Path, certificate_pem: bytes, ca_pem: bytes) ->
     _set_pointer(directory, STAGED, generation)
     (directory / PENDING).unlink()
     return Identity.load(state_dir, staged=True)
-
-
-CERTIFICATE_HEADER = "X-Dergw-Certificate"
-SIGNATURE_HEADER = "X-Dergw-Signature"
 
 
 def renewal_headers(current: Identity, body: bytes) -> dict[str, str]:

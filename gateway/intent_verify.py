@@ -24,70 +24,40 @@ reaches the first two checks (a refused payload's claimed version is read afterw
 label the ack). Expiry bounds when an intent may be *accepted*; an accepted intent
 keeps running offline for as long as its events say.
 
-Trust file (JSON, written by the headend next to its signing key, installed on the gateway at
-enrollment; `[security] intent_keys_file`):
-
-    {"keys": [{"key_id": "ed25519:0123456789abcdef", "public_key": "<base64 of 32 raw bytes>"}]}
-
-It may list several keys: rotation gives gateways the new key first, then switches the headend's
-signing key. `TrustedKeysFile` re-reads the file when it changes, so enrollment (or a rotation)
-takes effect without a restart. A gateway without the file (not enrolled) or with an invalid one
-still runs its local control; it refuses every intent as UNKNOWN_KEY (fail closed).
+The trusted keys come from the trust file (`dergw.v1.trust`, written by the headend next to its
+signing key, installed on the gateway at enrollment; `[security] intent_keys_file`). It may list
+several keys: rotation gives gateways the new key first, then switches the headend's signing key.
+`TrustedKeysFile` re-reads the file when it changes, so enrollment (or a rotation) takes effect
+without a restart. A gateway without the file (not enrolled) or with an invalid one still runs
+its local control; it refuses every intent as UNKNOWN_KEY (fail closed). Signatures are checked
+by `gateway.ed25519` (the process's libcrypto; no `cryptography` package loaded for it).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.message import DecodeError
 
 from dergw.v1 import ns_from_timestamp, pb
+from dergw.v1.trust import TrustedKeys, TrustedKeysError, rejection_name
+from gateway import ed25519
 
 __all__ = [
-    "MAX_TRUST_FILE_BYTES",
     "IntentRefused",
-    "TrustedKeys",
-    "TrustedKeysError",
     "TrustedKeysFile",
     "VerifiedIntent",
-    "key_id_for",
-    "rejection_name",
     "verify_signed_intent",
 ]
 
 _log = logging.getLogger(__name__)
 
-# A trust file is a handful of keys; anything much larger is not one (read no further).
-MAX_TRUST_FILE_BYTES = 64 * 1024
 # Hostile strings are quoted in messages (logs, acks) only up to this many characters.
 _QUOTE_MAX = 64
-_ED25519_KEY_BYTES = 32
-
-
-def key_id_for(public_key: Ed25519PublicKey) -> str:
-    """The key id the headend gives a key: "ed25519:" + 16 hex digits of sha256(raw key)."""
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
-
-
-def rejection_name(rejection: int) -> str:
-    """`pb.INTENT_REJECTION_UNKNOWN_KEY` -> "UNKNOWN_KEY" (unknown values as "REJECTION_<n>")."""
-    try:
-        return pb.IntentRejection.Name(rejection).removeprefix("INTENT_REJECTION_")  # type: ignore[arg-type]
-    except ValueError:
-        return f"REJECTION_{rejection}"
 
 
 def _quote(text: str) -> str:
@@ -95,105 +65,6 @@ def _quote(text: str) -> str:
 
 
 # -- trusted keys -------------------------------------------------------------------------------
-
-
-class TrustedKeysError(ValueError):
-    """A trust file that cannot be used; the message names the file, the key and the reason."""
-
-
-class TrustedKeys(Mapping[str, Ed25519PublicKey]):
-    """The public keys a gateway accepts intent signatures from, by key id (immutable)."""
-
-    __slots__ = ("_keys",)
-
-    def __init__(self, keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
-        self._keys: dict[str, Ed25519PublicKey] = dict(keys or {})
-
-    def __getitem__(self, key_id: str) -> Ed25519PublicKey:
-        return self._keys[key_id]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:
-        return f"TrustedKeys({sorted(self._keys)!r})"
-
-    @classmethod
-    def of(cls, *public_keys: Ed25519PublicKey) -> TrustedKeys:
-        """Trust these keys under their derived ids (`key_id_for`)."""
-        return cls({key_id_for(key): key for key in public_keys})
-
-    @classmethod
-    def parse(cls, text: str | bytes, *, source: str) -> TrustedKeys:
-        """Parse the trust file format; raises TrustedKeysError naming `source`, key and reason."""
-        try:
-            document = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TrustedKeysError(f"{source}: not valid JSON ({exc})") from None
-        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise TrustedKeysError(
-                f'{source}: expected {{"keys": [{{"key_id": ..., "public_key": ...}}, ...]}}'
-            )
-        keys: dict[str, Ed25519PublicKey] = {}
-        for index, entry in enumerate(document["keys"]):
-            where = f"{source}: keys[{index}]"
-            key_id, public_key = _parse_entry(entry, where)
-            if key_id in keys:
-                raise TrustedKeysError(f"{where}: key_id {key_id!r} is listed twice")
-            keys[key_id] = public_key
-        return cls(keys)
-
-    @classmethod
-    def load(cls, path: Path) -> TrustedKeys:
-        """Read and parse a trust file; raises TrustedKeysError (FileNotFoundError if missing)."""
-        with path.open("rb") as file:
-            data = file.read(MAX_TRUST_FILE_BYTES + 1)
-        if len(data) > MAX_TRUST_FILE_BYTES:
-            raise TrustedKeysError(
-                f"{path}: larger than {MAX_TRUST_FILE_BYTES} bytes; not a trust file"
-            )
-        return cls.parse(data, source=str(path))
-
-    def to_json(self) -> str:
-        """The trust file text for these keys (sorted by key id, one key per line)."""
-        entries = [
-            {
-                "key_id": key_id,
-                "public_key": base64.b64encode(
-                    self._keys[key_id].public_bytes(Encoding.Raw, PublicFormat.Raw)
-                ).decode("ascii"),
-            }
-            for key_id in sorted(self._keys)
-        ]
-        lines = ",\n".join(f"    {json.dumps(entry)}" for entry in entries)
-        return '{\n  "keys": [\n' + lines + "\n  ]\n}\n" if entries else '{"keys": []}\n'
-
-
-def _parse_entry(entry: Any, where: str) -> tuple[str, Ed25519PublicKey]:
-    if not isinstance(entry, dict):
-        raise TrustedKeysError(f'{where}: expected {{"key_id": ..., "public_key": ...}}')
-    unknown = sorted(set(entry) - {"key_id", "public_key"})
-    if unknown:
-        raise TrustedKeysError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
-    key_id = entry.get("key_id")
-    if not isinstance(key_id, str) or not key_id or len(key_id) > 128:
-        raise TrustedKeysError(f"{where}.key_id: expected a non-empty string (at most 128 chars)")
-    encoded = entry.get("public_key")
-    if not isinstance(encoded, str):
-        raise TrustedKeysError(f"{where} ({key_id}).public_key: expected a base64 string")
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise TrustedKeysError(f"{where} ({key_id}).public_key: not valid base64") from None
-    if len(raw) != _ED25519_KEY_BYTES:
-        raise TrustedKeysError(
-            f"{where} ({key_id}).public_key: {len(raw)} bytes; an Ed25519 public key is "
-            f"{_ED25519_KEY_BYTES} raw bytes"
-        )
-    return key_id, Ed25519PublicKey.from_public_bytes(raw)
 
 
 class TrustedKeysFile:
@@ -284,7 +155,7 @@ class IntentRefused:
 def verify_signed_intent(
     signed: pb.SignedIntent,
     *,
-    trusted_keys: Mapping[str, Ed25519PublicKey],
+    trusted_keys: Mapping[str, bytes],
     gateway_id: str,
     site_id: str,
     persisted_version: int,
@@ -300,9 +171,7 @@ def verify_signed_intent(
             f"(trusted: {', '.join(sorted(trusted_keys)) or 'none; not enrolled'})",
             _claimed_version(signed.payload),
         )
-    try:
-        public_key.verify(signed.signature, signed.payload)
-    except (InvalidSignature, ValueError):
+    if not ed25519.verify(public_key, signed.signature, signed.payload):
         return IntentRefused(
             pb.INTENT_REJECTION_BAD_SIGNATURE,
             f"signature does not verify with key {signed.key_id}",

@@ -22,7 +22,8 @@ Modules:
   clock         the injectable wall clock and time conversions
   signing       the intent signing key (Ed25519) and its trust file; signs each intent sent
 
-It shares only the wire contract (`dergw.v1`) with the gateway, plus `gateway.intent_verify`
-(pure: the signed-intent key ids and trust file format both ends must agree on, which `signing`
-writes); it imports nothing else from `gateway/`, and nothing from `drivers/` or `hil/`.
+It shares only the wire contract with the gateway: `dergw.v1`, including `dergw.v1.trust` (the
+signed-intent key ids and trust file both ends must agree on, which `signing` writes) and
+`dergw.v1.enrollment` (renewal headers, CSR, renewal time, key files). It imports nothing from
+`gateway/`, `drivers/` or `hil/` (tests/test_boundaries.py).
 """

@@ -39,7 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from fastapi import APIRouter, FastAPI
 
 from dergw.v1 import dergw_pb2_grpc, grpc_channel_options
-from gateway.identity import build_csr, write_private_file
+from dergw.v1.enrollment import build_csr, write_private_file
 from headend_min.api import API_PREFIX, create_api
 from headend_min.auth import BootstrapTokenError, TokenText, ensure_admin_token_file
 from headend_min.clock import Clock, SystemClock, datetime_from_ns

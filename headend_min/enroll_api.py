@@ -45,7 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.identity import CERTIFICATE_HEADER, SIGNATURE_HEADER
+from dergw.v1.enrollment import CERTIFICATE_HEADER, SIGNATURE_HEADER
 from headend_min.clock import Clock, datetime_from_ns
 from headend_min.enrollment import (
     CertificateExpiredError,

@@ -33,7 +33,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.identity import renew_at
+from dergw.v1.enrollment import renew_at
 from headend_min.clock import Clock, datetime_from_ns, ns_from_datetime
 from headend_min.pki import (
     DEFAULT_CLIENT_LIFETIME_S,

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.identity import write_private_file
+from dergw.v1.enrollment import write_private_file
 
 __all__ = [
     "DEFAULT_CA_LIFETIME_S",

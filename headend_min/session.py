@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dergw.v1 import pb, timestamp_from_ns
-from gateway.intent_verify import rejection_name
+from dergw.v1.trust import rejection_name
 from headend_min.clock import Clock
 from headend_min.ingest import ProtocolViolation, plan_telemetry, registration_from_pb
 from headend_min.metrics import SessionCounters

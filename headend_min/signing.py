@@ -2,11 +2,11 @@
 
 One active Ed25519 signing key per headend (every instance on a shared database must load the
 same key file): a PEM file (PKCS#8, mode 0600), created on first start if missing. Its key id is
-derived from the public key (`gateway.intent_verify.key_id_for`: "ed25519:" + 16 hex digits of
+derived from the public key (`dergw.v1.trust.key_id_for`: "ed25519:" + 16 hex digits of
 sha256 of the raw public key), so it is stable and needs no registry.
 
 Next to the key the headend keeps its public trust file, `<key file>.pub.json`, in the format
-gateways read (`gateway.intent_verify.TrustedKeys`); enrollment installs it on gateways as their
+gateways read (`dergw.v1.trust.TrustedKeys`); enrollment installs it on gateways as their
 `[security] intent_keys_file`. Each start makes sure the active key is listed and keeps the other
 keys listed there, so rotation is:
 
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from dergw.v1 import pb, timestamp_from_ns
-from gateway.intent_verify import TrustedKeys, TrustedKeysError, key_id_for
+from dergw.v1.trust import TrustedKeys, TrustedKeysError, key_id_for
 
 __all__ = [
     "DEFAULT_INTENT_VALIDITY_S",
@@ -70,15 +70,20 @@ class SigningKey:
     def public_key(self) -> Ed25519PublicKey:
         return self.private_key.public_key()
 
+    @property
+    def public_key_raw(self) -> bytes:
+        """The public key's 32 raw bytes, as the trust file and `key_id_for` take it."""
+        return _raw(self.public_key)
+
     @classmethod
     def generate(cls) -> SigningKey:
         """A fresh key held only in memory (tests, benchmarks)."""
         private_key = Ed25519PrivateKey.generate()
-        return cls(key_id_for(private_key.public_key()), private_key)
+        return cls(key_id_for(_raw(private_key.public_key())), private_key)
 
     @classmethod
     def from_private_key(cls, private_key: Ed25519PrivateKey) -> SigningKey:
-        return cls(key_id_for(private_key.public_key()), private_key)
+        return cls(key_id_for(_raw(private_key.public_key())), private_key)
 
 
 def trust_file_path(key_path: Path) -> Path:
@@ -145,16 +150,15 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
 
 def _refresh_trust_file(path: Path, key: SigningKey) -> None:
     """List `key` in the trust file at `path`, keeping the keys already listed (rotation)."""
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, bytes] = {}
     if path.exists():
         try:
             keys.update(TrustedKeys.load(path))
         except TrustedKeysError as exc:
             raise SigningKeyError(f"{exc}; fix or delete it (it is rewritten at start)") from None
-    listed = keys.get(key.key_id)
-    if listed is not None and _raw(listed) == _raw(key.public_key):
+    if keys.get(key.key_id) == key.public_key_raw:
         return
-    keys[key.key_id] = key.public_key
+    keys[key.key_id] = key.public_key_raw
     _write_private(path, TrustedKeys(keys).to_json().encode(), mode=0o644)
 
 

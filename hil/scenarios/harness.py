@@ -3,7 +3,8 @@
 The simulator runs in this process (it is the test equipment: scenarios read its physics and
 registers directly and inject faults); the headend and the gateway are real child processes
 started through the `dergw` entry point, so everything between them crosses real sockets. The
-bench imports nothing from gateway/, drivers/ or headend_min/: it only starts them by name.
+bench imports nothing from gateway/ or drivers/ (it starts them by name); from headend_min/ only
+the CA and the signing key, to enroll a gateway and to play a compromised broker's forgeries.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import FastAPI
 
+from dergw.v1.trust import TrustedKeys
 from gateway import enroll_cli
 from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
@@ -46,7 +47,6 @@ from gateway.identity import (
     rollback_renewal,
     stage_renewal,
 )
-from gateway.intent_verify import TrustedKeys
 from headend_min.clock import SystemClock
 from headend_min.enroll_api import enrollment_router
 from headend_min.enrollment import Enrollment, MemoryEnrollmentStore
@@ -106,7 +106,7 @@ async def headend(tmp_path: Path) -> AsyncIterator[Headend]:
     ca = CertificateAuthority.create(tmp_path / "ca", now=now)
     enrollment = Enrollment(MemoryEnrollmentStore(), ca, clock)
     signing_key = Ed25519PrivateKey.generate()
-    intent_keys = TrustedKeys.of(signing_key.public_key())
+    intent_keys = TrustedKeys.of(signing_key.public_key().public_bytes_raw())
 
     app = FastAPI()
     app.include_router(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dergw.v1 import ns_from_timestamp, pb
-from gateway.intent_verify import TrustedKeys, VerifiedIntent, verify_signed_intent
+from dergw.v1.trust import TrustedKeys
+from gateway.intent_verify import VerifiedIntent, verify_signed_intent
 from headend_min import cli
 from headend_min.config import (
     ConfigError,

@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dergw.v1 import dergw_pb2_grpc, grpc_channel_options, pb
+from dergw.v1.trust import TrustedKeys
 from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
     EnrollmentRefusedError,
@@ -37,7 +38,6 @@ from gateway.identity import (
     generate_key,
     stage_renewal,
 )
-from gateway.intent_verify import TrustedKeys
 from headend_min.app import HEADEND_CLIENT_CERT_FILE, Headend, prepare_tls
 from headend_min.cli import main
 from headend_min.clock import ManualClock
