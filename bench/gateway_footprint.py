@@ -1,8 +1,16 @@
 """Benchmark: the gateway process's resident memory and CPU, 20 devices at 1 s polling.
 
-The real `dergw gateway run` process on the `hil/sites/bench-20.toml` site (simulated by
-`dergw hil run`), streaming over gRPC to a real headend, the local console closed (its API socket
-open, no client). After a warm-up the benchmark reads /proc/PID/status over a window:
+The real `dergw gateway run` process on the `hil/sites/bench-20.toml` site, streaming to a real
+headend, the local console closed (its API socket open, no client), in two set-ups side by side:
+
+* plaintext (`[uplink] tls = false`), over gRPC and MQTT: the `Rig` of bench/e2e_telemetry.py
+  (the site simulated by `dergw hil run`);
+* as installed (`tls = true`, the default): the HIL bench with TLS (hil/scenarios/harness.py
+  `open_bench(tls=True)`: a headend with `--tls-dir`, for MQTT a TLS broker, the gateway
+  enrolled by `dergw enroll` with a one-time token), over gRPC and MQTT. mTLS needs the
+  certificate files only; loading them must not bring in `cryptography` (gateway/identity.py).
+
+After a warm-up the benchmark reads /proc/PID/status of every gateway over the same window:
 
 * VmRSS, the budget figure: everything resident, including the shared libraries' file-backed
   pages (so it moves by several MB with the page cache; docs/benchmarks.md);
@@ -13,17 +21,23 @@ open, no client). After a warm-up the benchmark reads /proc/PID/status over a wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
 import psutil
 
 from bench.core import BenchOptions, Budget, Figure
-from bench.e2e_telemetry import cpu_seconds, open_rig
+from bench.e2e_telemetry import SITES, cpu_seconds, open_rig
+from hil.scenarios.harness import ManagedProcess, open_bench
+from hil.site import load_site
 
 BENCH = "gateway-footprint"
 DEVICES = 20
 RSS_BUDGET_MB = Budget("<=", 70)
+# Variants: the uplink transport, "-tls" for the as-installed set-up (enrolled, mTLS).
+FULL_VARIANTS = ("grpc", "mqtt", "grpc-tls", "mqtt-tls")
+QUICK_VARIANTS = ("grpc", "grpc-tls")
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -38,41 +52,68 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 async def run(options: BenchOptions) -> list[Figure]:
     warmup_s, window_s = (2.0, 2.0) if options.quick else (20.0, 10.0)
-    transports = ("grpc",) if options.quick else ("grpc", "mqtt")
-    async with open_rig(options, BENCH) as rig:
+    variants = QUICK_VARIANTS if options.quick else FULL_VARIANTS
+    plaintext = [v for v in variants if not v.endswith("-tls")]
+    async with open_rig(options, BENCH) as rig, contextlib.AsyncExitStack() as stack:
         await rig.start_site(DEVICES)
-        await rig.start_headend(mqtt="mqtt" in transports)
-        # One gateway per uplink, side by side on the same site: each imports only its own
-        # uplink's library, which is most of the difference between them.
-        gateways = {}
-        for transport in transports:
-            gateway_id = f"gw-footprint-{transport}"
+        await rig.start_headend(mqtt="mqtt" in plaintext)
+        # One gateway per variant, side by side: each imports only its own uplink's library
+        # (and, with TLS, its certificate handling), which is most of the difference.
+        gateways: dict[str, ManagedProcess] = {}
+        for variant in plaintext:
+            gateway_id = f"gw-footprint-{variant}"
             config = rig.gateway_config(
-                gateway_id, DEVICES, poll_period_s=1.0, raw_points=False, transport=transport
+                gateway_id, DEVICES, poll_period_s=1.0, raw_points=False, transport=variant
             )
-            gateways[transport] = await rig.start_gateway(config)
-            await rig.wait_all_reporting(gateways[transport], gateway_id, DEVICES)
+            gateways[variant] = await rig.start_gateway(config)
+            await rig.wait_all_reporting(gateways[variant], gateway_id, DEVICES)
+        for variant in variants:
+            if variant.endswith("-tls"):
+                gateways[variant] = await _start_enrolled_gateway(stack, rig.workdir, variant)
         await asyncio.sleep(warmup_s)
-        processes = {t: psutil.Process(g.process.pid) for t, g in gateways.items()}
-        cpu0, t0 = {t: cpu_seconds(p) for t, p in processes.items()}, time.monotonic()
-        readings: dict[str, list[dict[str, float]]] = {t: [] for t in gateways}
+        processes = {v: psutil.Process(g.process.pid) for v, g in gateways.items()}
+        cpu0, t0 = {v: cpu_seconds(p) for v, p in processes.items()}, time.monotonic()
+        readings: dict[str, list[dict[str, float]]] = {v: [] for v in gateways}
         end = t0 + window_s
         while True:
-            for transport, gateway in gateways.items():
-                readings[transport].append(memory_mb(gateway.process.pid))
+            for variant, gateway in gateways.items():
+                readings[variant].append(memory_mb(gateway.process.pid))
             if time.monotonic() >= end:
                 break
             await asyncio.sleep(min(1.0, window_s / 4))
         elapsed = time.monotonic() - t0
-        cpu_pct = {t: 100 * (cpu_seconds(p) - cpu0[t]) / elapsed for t, p in processes.items()}
+        cpu_pct = {v: 100 * (cpu_seconds(p) - cpu0[v]) / elapsed for v, p in processes.items()}
     figures: list[Figure] = []
-    for transport in transports:
-        figures += _figures(transport, readings[transport], cpu_pct[transport], warmup_s, window_s)
+    for variant in variants:
+        figures += _figures(variant, readings[variant], cpu_pct[variant], warmup_s, window_s)
     return figures
 
 
+async def _start_enrolled_gateway(
+    stack: contextlib.AsyncExitStack, workdir: Path, variant: str
+) -> ManagedProcess:
+    """A gateway as installed (`variant` "grpc-tls" / "mqtt-tls"): the HIL bench with TLS, its
+    own headend (and broker), the gateway enrolled; running once every device is registered."""
+    transport = variant.removesuffix("-tls")
+    bench = await stack.enter_async_context(
+        open_bench(
+            load_site(SITES / f"bench-{DEVICES}.toml"),
+            workdir / variant,
+            gateway_id=f"gw-footprint-{variant}",
+            site_id=f"site-footprint-{variant}",
+            transport=transport,
+            tls=True,
+            poll_period_s=1.0,
+            control_period_s=1.0,
+        )
+    )
+    gateway = await bench.start_gateway()
+    await bench.wait_registered(timeout_s=60)
+    return gateway
+
+
 def _figures(
-    transport: str,
+    variant: str,
     readings: list[dict[str, float]],
     cpu_pct: float,
     warmup_s: float,
@@ -81,11 +122,13 @@ def _figures(
     vm_rss = max(r["VmRSS"] for r in readings)
     anon = max(r["RssAnon"] for r in readings)
     last = readings[-1]
-    context = f"{DEVICES} devices, 1 s polling, {transport} uplink, console closed"
+    transport, tls = variant.removesuffix("-tls"), variant.endswith("-tls")
+    uplink = f"{transport} uplink" + (", mTLS, enrolled" if tls else ", plaintext")
+    context = f"{DEVICES} devices, 1 s polling, {uplink}, console closed"
     return [
         Figure(
             bench=BENCH,
-            name=f"gateway resident memory (VmRSS), {transport}",
+            name=f"gateway resident memory (VmRSS), {variant}",
             value=vm_rss,
             unit="MB",
             budget=RSS_BUDGET_MB,
@@ -97,14 +140,14 @@ def _figures(
         ),
         Figure(
             bench=BENCH,
-            name=f"gateway private memory (RssAnon), {transport}",
+            name=f"gateway private memory (RssAnon), {variant}",
             value=anon,
             unit="MB",
             note=f"same window; RssFile {last['RssFile']:.1f} MB, VmHWM {last['VmHWM']:.1f} MB",
         ),
         Figure(
             bench=BENCH,
-            name=f"gateway CPU, {transport}",
+            name=f"gateway CPU, {variant}",
             value=cpu_pct,
             unit="%",
             note=f"of one core over the same {window_s:.0f} s window; {context}",

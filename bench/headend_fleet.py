@@ -52,7 +52,7 @@ from hil.scenarios.harness import (
 )
 
 NAME = "headend-fleet"
-STEPS = (1000, 2000, 3000, 4000, 5000, 7000)
+STEPS = (1000, 2000, 2500, 3000, 4000, 5000, 7000)
 QUICK_STEPS = (30,)
 WINDOW_S = 5.0
 QUICK_WINDOW_S = 2.0
@@ -356,6 +356,12 @@ async def _run_backend(backend: str, db: str, workdir: Path, options: BenchOptio
     return _figures(backend, best if held else None, results, fan_out_s, delays, reached, reconnect)
 
 
+def _cpu_per_batch_us(step: _Step) -> float:
+    if step.acked_per_s <= 0:
+        return math.nan
+    return step.headend_cpu_pct / 100 / step.acked_per_s * 1e6
+
+
 def _figures(
     backend: str,
     best: _Step | None,
@@ -405,6 +411,17 @@ def _figures(
                 "fleet_cpu_pct": shown.fleet_cpu_pct,
                 "database_cpu_pct": shown.database_cpu_pct,
             },
+        ),
+        Figure(
+            # What bounds N on one process: its Python runs under one GIL, so one core's worth
+            # of CPU divided by this is the most batches/s it can take, whatever the cores.
+            bench=NAME,
+            name=f"headend CPU per batch at {shown.gateways} gateways ({label})",
+            value=_cpu_per_batch_us(shown),
+            unit="µs",
+            note=f"one core holds ~{1e6 / _cpu_per_batch_us(shown):,.0f} batches/s at this cost"
+            if _cpu_per_batch_us(shown) > 0
+            else "",
         ),
         Figure(
             bench=NAME,

@@ -12,10 +12,21 @@ Layout under `<state_dir>/identity/` (directory 0700):
     g-<random>/key.pem   the private key (PKCS#8 PEM, 0600)
     g-<random>/cert.pem  the client certificate
     g-<random>/ca.pem    the headend CA: trusted for the headend's servers, chains our cert
+    g-<random>/cert.json what the gateway reads from cert.pem (gateway id, serial, validity),
+                         bound to cert.pem and ca.pem by their SHA-256
 
 Each key/cert pair lives in its own generation directory and the `current` pointer is replaced
 atomically, so a power cut at any moment leaves either the old identity or the new one, never a
 key from one and a certificate from the other.
+
+Loading an identity does not import `cryptography` (~9 MB resident in a gateway that otherwise
+never needs it): the certificate was checked (for this key, signed by this CA) when it was
+installed, and `cert.json` records what that check read, with the hashes of the exact files
+checked. `Identity.load` recomputes the hashes (hashlib) and has OpenSSL confirm that the key
+belongs to the certificate (`ssl` `load_cert_chain`). A generation without `cert.json` (installed
+by an older version) or whose files no longer match it gets the full check with `cryptography`,
+which either names what is wrong or records `cert.json` again. Only making a key and a CSR
+(enrollment, renewal) needs `cryptography` in the gateway process.
 
 Renewal (reference/appliance.md §4.4) uses a new key each time and keeps the old certificate
 until the new one has connected: `stage_renewal` (or `begin_renewal` + `stage_certificate`)
@@ -35,6 +46,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import hashlib
 import json
 import secrets
 import shutil
@@ -53,8 +65,9 @@ from dergw.v1.enrollment import (
     write_private_file,
 )
 
-# X.509 and the HTTPS client (~4 MB resident together) are imported by the functions that use
-# them: a gateway without `[uplink] tls` never needs them.
+# X.509 (`cryptography`) and the HTTPS client are imported by the functions that use them:
+# making a key or CSR (enrollment, renewal) and the full check of an identity without cert.json.
+# A gateway connecting with an enrolled identity never needs them.
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -88,6 +101,8 @@ __all__ = [
 
 IDENTITY_DIRNAME = "identity"
 KEY_FILE, CERT_FILE, CA_FILE = "key.pem", "cert.pem", "ca.pem"
+CERT_FACTS_FILE = "cert.json"
+CERT_FACTS_FORMAT = 1
 CURRENT, PENDING, STAGED = "current", "pending", "staged"
 # Where the headend serves POST .../enroll and .../renew under its base URL (headend_min.api).
 ENROLL_API_PATH = "/api/v1"
@@ -212,20 +227,27 @@ class Identity:
             )
         except OSError as exc:
             raise IdentityError(f"identity {generation} incomplete: {exc}; re-enroll") from exc
-        key = _load_key(key_pem, key_path)
-        cert = _check_certificate(cert_pem, ca_pem, key, source=str(cert_path))
-        gateway_id = _common_name(cert)
+        facts = _CertificateFacts.read(generation / CERT_FACTS_FILE, cert_pem, ca_pem)
+        if facts is None or not _key_matches(cert_path, key_path):
+            # Installed by an older version, or the files changed since they were checked: the
+            # full check either says what is wrong (raises) or records the facts again.
+            key = _load_key(key_pem, key_path)
+            cert = _check_certificate(cert_pem, ca_pem, key, source=str(cert_path))
+            facts = _CertificateFacts.of(cert, cert_pem, ca_pem)
+            # A read-only identity stays usable; the next load repeats the full check.
+            with contextlib.suppress(OSError):
+                facts.write(generation / CERT_FACTS_FILE)
         return cls(
-            gateway_id=gateway_id,
+            gateway_id=facts.gateway_id,
             key_path=key_path,
             cert_path=cert_path,
             ca_path=ca_path,
             private_key_pem=key_pem,
             certificate_pem=cert_pem,
             ca_pem=ca_pem,
-            serial=format(cert.serial_number, "x"),
-            not_before=cert.not_valid_before_utc,
-            not_after=cert.not_valid_after_utc,
+            serial=facts.serial,
+            not_before=facts.not_before,
+            not_after=facts.not_after,
         )
 
     def seconds_left(self, now: datetime) -> float:
@@ -254,6 +276,84 @@ class Identity:
 
 def _utc(now: datetime) -> datetime:
     return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class _CertificateFacts:
+    """What `Identity` reads from a certificate that passed `_check_certificate` (cert.json),
+    valid only for the exact certificate and CA files whose hashes it records."""
+
+    gateway_id: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    cert_sha256: str
+    ca_sha256: str
+
+    @classmethod
+    def of(cls, cert: x509.Certificate, cert_pem: bytes, ca_pem: bytes) -> _CertificateFacts:
+        return cls(
+            gateway_id=_common_name(cert),
+            serial=format(cert.serial_number, "x"),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            cert_sha256=_sha256(cert_pem),
+            ca_sha256=_sha256(ca_pem),
+        )
+
+    @classmethod
+    def read(cls, path: Path, cert_pem: bytes, ca_pem: bytes) -> _CertificateFacts | None:
+        """The recorded facts if they are for exactly these files; None if absent or not."""
+        try:
+            raw = json.loads(path.read_bytes())
+            if raw["format"] != CERT_FACTS_FORMAT:
+                return None
+            facts = cls(
+                gateway_id=str(raw["gateway_id"]),
+                serial=str(raw["serial"]),
+                not_before=datetime.fromisoformat(raw["not_before"]),
+                not_after=datetime.fromisoformat(raw["not_after"]),
+                cert_sha256=str(raw["cert_sha256"]),
+                ca_sha256=str(raw["ca_sha256"]),
+            )
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if facts.not_before.tzinfo is None or facts.not_after.tzinfo is None:
+            return None
+        if facts.cert_sha256 != _sha256(cert_pem) or facts.ca_sha256 != _sha256(ca_pem):
+            return None
+        return facts
+
+    def write(self, path: Path) -> None:
+        text = json.dumps(
+            {
+                "format": CERT_FACTS_FORMAT,
+                "gateway_id": self.gateway_id,
+                "serial": self.serial,
+                "not_before": self.not_before.isoformat(),
+                "not_after": self.not_after.isoformat(),
+                "cert_sha256": self.cert_sha256,
+                "ca_sha256": self.ca_sha256,
+            },
+            indent=1,
+        )
+        write_private_file(path, text.encode() + b"\n", mode=0o644)
+
+
+def _key_matches(cert_path: Path, key_path: Path) -> bool:
+    """OpenSSL's check that the private key belongs to the certificate (what a TLS handshake
+    would use); no `cryptography` needed."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on a terminal.
+        context.load_cert_chain(str(cert_path), str(key_path), password="")
+    except (ssl.SSLError, OSError):
+        return False
+    return True
 
 
 def _load_key(pem: bytes, source: Path) -> ec.EllipticCurvePrivateKey:
@@ -319,6 +419,9 @@ def _write_generation(
         )
     write_private_file(generation / CERT_FILE, cert_pem, mode=0o644)
     write_private_file(generation / CA_FILE, ca_pem, mode=0o644)
+    # Last: a generation is published (pointer) only after this, so cert.json always exists
+    # for a generation this version installed.
+    _CertificateFacts.of(cert, cert_pem, ca_pem).write(generation / CERT_FACTS_FILE)
 
 
 def _set_pointer(directory: Path, name: str, generation: Path) -> None:
@@ -589,7 +692,7 @@ class TlsFailure(enum.Enum):
 
 
 # Lower-case markers, checked in order; from OpenSSL/BoringSSL alert and verify texts (what
-# grpc's status details and Python's ssl errors carry) and from the headend's own refusals.
+# Python's ssl errors and grpcio's status details carry) and from the headend's own refusals.
 _MARKERS: tuple[tuple[TlsFailure, tuple[str, ...]], ...] = (
     (TlsFailure.REVOKED, ("revoked",)),
     (TlsFailure.EXPIRED, ("expired", "certificate_expired", "not yet valid")),
@@ -620,10 +723,12 @@ def classify_tls_failure(
     identity: Identity | None = None,
     now: datetime | None = None,
 ) -> TlsFailure:
-    """Name a TLS failure from an exception (ssl, grpc.RpcError, urllib) or a details text.
+    """Name a TLS failure from an exception (ssl, a gRPC error of grpclib or grpcio, urllib)
+    or a details text.
 
-    grpc reports handshake refusals as UNAVAILABLE with the reason in the details, and the
-    headend's interceptor puts "revoked" in its details. Under TLS 1.3 a server that refuses
+    The gateway's gRPC client (grpclib) raises Python's ssl errors for handshake refusals it
+    sees, grpcio reports them as UNAVAILABLE with the reason in the details; the headend's
+    interceptor puts "revoked" in its status message. Under TLS 1.3 a server that refuses
     the *client's* certificate (none, unknown CA, expired) only closes the connection: the
     client sees "Socket closed", indistinguishable from a network drop. So with `identity` and
     `now`, what the gateway knows locally is used too: no identity -> NO_CERTIFICATE, our
@@ -649,9 +754,12 @@ def _failure_text(failure: BaseException | str) -> str:
         return failure
     parts = [str(failure)]
     details = getattr(failure, "details", None)
-    if callable(details):
+    if callable(details):  # grpcio's RpcError
         with contextlib.suppress(Exception):
             parts.append(str(details()))
+    message = getattr(failure, "message", None)
+    if isinstance(message, str):  # grpclib's GRPCError
+        parts.append(message)
     if isinstance(failure, urllib.error.URLError):
         parts.append(str(failure.reason))
     if isinstance(failure, HeadendUnreachableError | EnrollmentRefusedError):

@@ -6,9 +6,13 @@ is covered end to end in tests/headend/test_enroll_e2e.py.
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import stat
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -275,3 +279,116 @@ def test_classify_tls_failure_uses_what_the_gateway_knows(
     later = identity.not_after + timedelta(seconds=1)
     assert classify_tls_failure(closed, identity=identity, now=later) is TlsFailure.EXPIRED
     assert classify_tls_failure(closed, identity=None, now=NOW) is TlsFailure.NO_CERTIFICATE
+
+
+# -- loading without `cryptography` (cert.json) ---------------------------------------------------
+
+# What a gateway with an enrolled identity does before each connection: load the identity (and
+# the staged one), decide on renewal, build the TLS context. Prints the facts it read and whether
+# `cryptography` got imported.
+STEADY_STATE_PROBE = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+    from gateway.clock import SystemClock
+    from gateway.runtime.uplink_tls import UplinkCredentials
+
+    async def main() -> None:
+        credentials = UplinkCredentials(
+            Path(sys.argv[1]), enroll_url="https://127.0.0.1:1", clock=SystemClock()
+        )
+        identity = await credentials.prepare()
+        identity.ssl_context()
+        assert credentials.renewal_check_in_s() > 0
+        print(json.dumps({
+            "gateway_id": identity.gateway_id,
+            "serial": identity.serial,
+            "not_before": identity.not_before.isoformat(),
+            "not_after": identity.not_after.isoformat(),
+            "cryptography": "cryptography" in sys.modules,
+        }))
+
+    asyncio.run(main())
+    """
+)
+
+
+def _steady_state(state_dir: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-c", STEADY_STATE_PROBE, str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.splitlines()[-1])
+    assert isinstance(answer, dict)
+    return answer
+
+
+def _facts(identity: Identity) -> dict[str, object]:
+    return {
+        "gateway_id": identity.gateway_id,
+        "serial": identity.serial,
+        "not_before": identity.not_before.isoformat(),
+        "not_after": identity.not_after.isoformat(),
+    }
+
+
+def test_an_installed_identity_loads_without_cryptography(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    _install(tmp_path, ca)
+    # Installed the way a renewal (and enrollment: the same code) installs a certificate.
+    staged = stage_certificate(tmp_path, _sign(ca, begin_renewal(tmp_path)), ca.certificate_pem)
+    committed = commit_renewal(tmp_path)
+    assert (committed.key_path.parent / "cert.json").is_file()
+    assert stat.S_IMODE((committed.key_path.parent / "cert.json").stat().st_mode) == 0o644
+    answer = _steady_state(tmp_path)
+    assert answer == _facts(staged) | {"cryptography": False}
+
+
+def test_an_identity_from_an_older_version_gains_its_facts_on_first_load(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    identity = _install(tmp_path, ca)
+    facts_file = identity.key_path.parent / "cert.json"
+    facts_file.unlink()  # as an older version left it: key, cert and CA only
+    first = _steady_state(tmp_path)
+    assert first == _facts(identity) | {"cryptography": True}  # the full check, once
+    assert facts_file.is_file()
+    assert _steady_state(tmp_path) == _facts(identity) | {"cryptography": False}
+
+
+def test_unreadable_facts_are_recomputed(tmp_path: Path, ca: CertificateAuthority) -> None:
+    identity = _install(tmp_path, ca)
+    facts_file = identity.key_path.parent / "cert.json"
+    for broken in (b"", b"{not json", b'{"format": 99}', b"[]"):
+        facts_file.write_bytes(broken)
+        assert Identity.load(tmp_path) == identity
+        assert json.loads(facts_file.read_bytes())["serial"] == identity.serial
+
+
+def test_facts_for_other_files_are_not_trusted(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """cert.json is only valid for the exact certificate and CA it was written for: facts copied
+    from another identity (here: its other certificate, for another gateway) are not used."""
+    identity = _install(tmp_path, ca)
+    other = _install(tmp_path / "other", ca, gateway_id="gw-2")
+    (identity.key_path.parent / "cert.json").write_bytes(
+        (other.key_path.parent / "cert.json").read_bytes()
+    )
+    assert Identity.load(tmp_path) == identity
+
+
+def test_a_key_swapped_under_matching_facts_is_refused(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    identity = _install(tmp_path, ca)
+    assert (identity.key_path.parent / "cert.json").is_file()
+    write_private_file(identity.key_path, key_pem(generate_key()))
+    with pytest.raises(IdentityError, match="not for this device's key"):
+        Identity.load(tmp_path)
+    identity.key_path.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    with pytest.raises(IdentityError, match="unreadable private key"):
+        Identity.load(tmp_path)
