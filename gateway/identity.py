@@ -2,7 +2,7 @@
 
 The key is generated here, on the device, and never leaves it (EC P-256, a 0600 file written
 atomically). The headend signs a certificate with CN=<gateway id>; the gateway uses it for mTLS on
-gRPC (`channel_credentials`) and MQTT (`Identity.tls_files`, `Identity.ssl_context`).
+both uplinks through `Identity.ssl_context` (gRPC on grpclib, MQTT; `Identity.tls_files` too).
 
 Layout under `<state_dir>/identity/` (directory 0700):
 

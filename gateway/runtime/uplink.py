@@ -73,10 +73,11 @@ REGISTER_TIMEOUT_S = 10.0
 # headend was subscribed (all of them reconnecting to a restarted broker) is simply gone.
 REGISTER_RESEND_S = 2.0
 # Under TLS 1.3 a server refusing our certificate just closes the connection; the client sees
-# "Socket closed" as from a network drop. This many in a row before any RegisterAck, with TLS
-# on, count as a rejection (UNKNOWN_CA: most likely the headend no longer trusts our issuer).
+# it as a network drop ("Connection lost" from grpclib). This many in a row before any
+# RegisterAck, with TLS on, count as a rejection (UNKNOWN_CA: most likely the headend no
+# longer trusts our issuer).
 HANDSHAKE_CLOSES_TO_REJECT = 3
-_HANDSHAKE_CLOSE_MARKERS = ("socket closed", "connection reset")
+_HANDSHAKE_CLOSE_MARKERS = ("connection lost", "connection reset")
 _REJECTION_HINTS = {
     TlsFailure.EXPIRED.value: "run `dergw enroll` with a new token (renewal needs a valid one)",
     TlsFailure.REVOKED.value: "an admin must issue a new enrollment token; run `dergw enroll`",
@@ -146,10 +147,12 @@ def full_jitter_backoff_s(attempt: int, max_s: float, first_s: float = 0.5) -> f
 
 
 def _grpc_errors() -> tuple[type[BaseException], ...]:
-    """gRPC's call error when the transport is gRPC (built before `run`, so grpc is loaded by
-    then); an MQTT uplink never imports grpc."""
-    grpc = sys.modules.get("grpc")
-    return (grpc.aio.AioRpcError,) if grpc is not None else ()
+    """grpclib's call errors when the transport is gRPC (built before `run`, so its module is
+    loaded by then); an MQTT uplink never imports grpclib. The transport turns them into
+    TransportClosedError; these catch any that slip through, so the session still ends and is
+    retried (ssl errors are OSErrors, caught anyway)."""
+    transport = sys.modules.get("gateway.runtime.grpc_transport")
+    return tuple(getattr(transport, "GRPC_ERRORS", ())) if transport is not None else ()
 
 
 def create_transport(
@@ -162,7 +165,7 @@ def create_transport(
     """The transport the config names (`[uplink] transport = "grpc" | "mqtt"`); mTLS with
     `identity()` (called per connection), plaintext without."""
     # Each transport's client library is imported only when the config names it: paho for
-    # MQTT, grpc for gRPC (together ~15 MB of resident memory on the gateway).
+    # MQTT, grpclib for gRPC.
     if config.transport == "mqtt":
         from gateway.runtime.mqtt_transport import MqttTransport
 

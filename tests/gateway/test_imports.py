@@ -103,25 +103,27 @@ def _imported(config: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("uplink", "expected", "absent"),
     [
+        # The gateway's gRPC client is grpclib (~3 MB resident); grpcio (~17 MB) is the
+        # headend's server only.
         (
             'transport = "grpc"\ntarget = "127.0.0.1:9"',
-            {"grpc", "pymodbus", "numpy"},
-            {"paho", "asyncua", "dnp3", "pydnp3", "dnp3py"},
+            {"grpclib", "pymodbus", "numpy"},
+            {"grpc", "paho", "asyncua", "dnp3", "pydnp3", "dnp3py"},
         ),
         (
             'transport = "mqtt"\nbroker = "127.0.0.1:9"',
             {"paho", "pymodbus"},
-            {"grpc", "asyncua", "dnp3", "pydnp3", "dnp3py"},
+            {"grpc", "grpclib", "asyncua", "dnp3", "pydnp3", "dnp3py"},
         ),
         (
             'transport = "grpc"\ntarget = "127.0.0.1:9"\ntls = false',
-            {"grpc", "pymodbus"},
-            {"paho", "cryptography"},
+            {"grpclib", "pymodbus"},
+            {"grpc", "paho", "cryptography"},
         ),
         (
             'transport = "mqtt"\nbroker = "127.0.0.1:9"\ntls = false',
             {"paho", "pymodbus"},
-            {"grpc", "cryptography"},
+            {"grpc", "grpclib", "cryptography"},
         ),
     ],
     ids=["grpc", "mqtt", "grpc-plaintext", "mqtt-plaintext"],

@@ -1,22 +1,35 @@
 """The uplink's session rules, against a scripted in-memory transport (the real transports have
-their own tests: gRPC end to end in tests/e2e, MQTT against mosquitto in test_mqtt_transport.py).
+their own tests: gRPC end to end in tests/e2e and below, MQTT against mosquitto in
+test_mqtt_transport.py).
 
 * the live lane is never starved: with the backlog lane's window full and unacknowledged, a new
   live record still goes out at once;
 * acks by range delete exactly the acked rows, the watermark deletes the rest;
-* a RetryAfter ends the session, and the next attempt waits at least that long.
+* a RetryAfter ends the session, and the next attempt waits at least that long;
+* the gRPC transport (grpclib) against a grpcio server like the headend's: messages both ways,
+  a refusal's status and details, messages above MAX_MESSAGE_BYTES refused both ways (an
+  incoming one before its body is read), a dead target.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from dergw.v1 import pb
+import grpc
+import grpc.aio
+import pytest
+
+from dergw.v1 import MAX_MESSAGE_BYTES, pb
+from dergw.v1.dergw_pb2_grpc import GatewayLinkServicer, add_GatewayLinkServicer_to_server
 from gateway.clock import SystemClock
 from gateway.config import GrpcUplinkConfig
 from gateway.outbox import Outbox, RecordKind
+from gateway.runtime.grpc_transport import GrpcTransport
 from gateway.runtime.recorder import Recorder
 from gateway.runtime.transport import TransportClosedError
 from gateway.runtime.uplink import Uplink
@@ -186,3 +199,105 @@ async def test_signed_intents_go_to_on_intent_and_bare_ones_are_refused_unread(
             assert uplink.health.intent_rejections == {"UNSIGNED": 1}
         finally:
             task.cancel()
+
+
+# -- the gRPC transport (grpclib) against a grpcio server, as the headend runs it ----------------
+
+
+class _ScriptedLink(GatewayLinkServicer):
+    """Answers each Register by what its gateway id asks for: "ok" a RegisterAck, "big" a
+    DownMessage above MAX_MESSAGE_BYTES, "denied" PERMISSION_DENIED (as the headend refuses a
+    revoked certificate)."""
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[pb.UpMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.DownMessage]:
+        async for message in request_iterator:
+            behaviour = message.register.gateway_id
+            if behaviour == "denied":
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+            elif behaviour == "big":
+                reason = "x" * (MAX_MESSAGE_BYTES + 1)
+                yield pb.DownMessage(retry_after=pb.RetryAfter(seconds=1, reason=reason))
+            else:
+                yield pb.DownMessage(register_ack=pb.RegisterAck(committed_seq=7))
+
+
+@pytest.fixture
+async def grpcio_server() -> AsyncIterator[str]:
+    # The headend's bounds on receive, none on send: the gateway must enforce its own.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    add_GatewayLinkServicer_to_server(_ScriptedLink(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+def _register(behaviour: str) -> pb.UpMessage:
+    return pb.UpMessage(register=pb.Register(gateway_id=behaviour))
+
+
+async def test_grpc_transport_talks_to_a_grpcio_server(grpcio_server: str) -> None:
+    transport = GrpcTransport(grpcio_server, keepalive_s=20)
+    try:
+        await transport.connect()
+        await transport.send(_register("ok"))
+        answer = await asyncio.wait_for(transport.receive(), 10)
+        assert answer.register_ack.committed_seq == 7
+        # A refusal carries the gRPC status and its details, and ends the stream.
+        await transport.send(_register("denied"))
+        with pytest.raises(TransportClosedError, match="PERMISSION_DENIED: certificate revoked"):
+            await asyncio.wait_for(transport.receive(), 10)
+        with pytest.raises(TransportClosedError, match="PERMISSION_DENIED"):
+            await transport.send(_register("ok"))  # and so does every later send
+    finally:
+        await transport.close()
+    with pytest.raises(TransportClosedError, match="not open"):
+        await transport.receive()
+
+
+async def test_grpc_transport_refuses_an_oversize_message_before_reading_it(
+    grpcio_server: str,
+) -> None:
+    transport = GrpcTransport(grpcio_server, keepalive_s=20)
+    try:
+        await transport.connect()
+        await transport.send(_register("big"))
+        with pytest.raises(TransportClosedError, match=r"RESOURCE_EXHAUSTED: .* not read"):
+            await asyncio.wait_for(transport.receive(), 10)
+        # Sending one is refused too, before it is written.
+        huge = pb.UpMessage(register=pb.Register(gateway_id="x" * (MAX_MESSAGE_BYTES + 1)))
+        with pytest.raises(TransportClosedError, match="exceeds MAX_MESSAGE_BYTES"):
+            await transport.send(huge)
+    finally:
+        await transport.close()
+
+
+async def test_grpc_transport_to_nobody_fails_to_connect() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+    transport = GrpcTransport(target, keepalive_s=20)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await transport.connect()
+    finally:
+        await transport.close()
+
+
+async def test_grpc_transport_close_wakes_a_pending_receive(grpcio_server: str) -> None:
+    transport = GrpcTransport(grpcio_server, keepalive_s=20)
+    await transport.connect()
+    await transport.send(_register("ok"))
+    await asyncio.wait_for(transport.receive(), 10)
+    pending = asyncio.ensure_future(transport.receive())  # nothing more will come
+    await asyncio.sleep(0.1)  # let it block in the read
+    assert not pending.done()
+    await transport.close()
+    with pytest.raises(TransportClosedError):
+        await asyncio.wait_for(pending, 5)

@@ -32,7 +32,6 @@ from fastapi import FastAPI
 
 from dergw.v1.trust import TrustedKeys
 from gateway import enroll_cli
-from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
     CERTIFICATE_HEADER,
     ENROLL_API_PATH,
@@ -57,6 +56,7 @@ from headend_min.grpc_tls import (
     server_credentials,
 )
 from headend_min.pki import CertificateAuthority, cert_pem, key_pem, load_csr
+from tests.headend.gateway_credentials import channel_credentials
 from tests.support import async_wait_until
 
 pytestmark = pytest.mark.slow

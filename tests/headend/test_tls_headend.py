@@ -29,7 +29,6 @@ from paho.mqtt.properties import Properties
 
 from dergw.v1 import dergw_pb2_grpc, grpc_channel_options, pb
 from dergw.v1.trust import TrustedKeys
-from gateway.grpc_tls import channel_credentials
 from gateway.identity import (
     EnrollmentRefusedError,
     Identity,
@@ -52,6 +51,7 @@ from headend_min.gateway_admin_cli import (
 )
 from headend_min.pki import CertificateAuthority, cert_pem, key_pem, load_csr
 from tests.headend.fake_gateway import FakeGateway, LinkClosedError, site
+from tests.headend.gateway_credentials import channel_credentials
 from tests.headend.pg_support import PgDatabase, pg_db
 from tests.headend.test_cli import _dergw_command, _read_line
 from tests.mqtt_support import Mosquitto, mosquitto_binary

@@ -1,8 +1,7 @@
-"""gRPC client credentials from the gateway's identity (mTLS to the headend).
+"""grpcio client credentials from a gateway identity, for tests that act as a gateway with grpcio.
 
-    channel = grpc.aio.secure_channel(target, channel_credentials(Identity.load(state_dir)))
-
-Credentials are immutable: after a renewal, build a new channel and drain the old one.
+The gateway's own uplink is grpclib with `Identity.ssl_context()` and never imports grpcio; these
+tests speak to the headend through grpcio's client to pin its server side independently.
 """
 
 from __future__ import annotations
