@@ -43,7 +43,6 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -97,8 +96,11 @@ from headend_min.seqranges import SeqRanges, absorb
 from headend_min.store import (
     DuplicateTokenError,
     IntentComposer,
+    PendingCommit,
     StoreError,
     UnknownSiteError,
+    commit_row_count,
+    own_error,
 )
 
 __all__ = [
@@ -287,44 +289,6 @@ class _DuplicateOnCopyError(Exception):
     """COPY met a row already stored: the caller retries the group on the ON CONFLICT path."""
 
 
-@dataclass(slots=True)
-class _Commit:
-    """A telemetry batch waiting for the next group commit."""
-
-    rows: TelemetryRows
-    now_ns: int
-    future: asyncio.Future[CommitResult]
-
-
-def _own_error(exc: BaseException, delivered: set[int]) -> BaseException:
-    """`exc` for the first caller it fails, a fresh StoreError caused by it for every other one:
-    one exception object raised in many tasks would collect all their tracebacks."""
-    if id(exc) not in delivered:
-        delivered.add(id(exc))
-        return exc
-    error = StoreError(str(exc) or repr(exc))
-    error.__cause__ = exc
-    return error
-
-
-def _row_count(rows: TelemetryRows) -> int:
-    """Rows a batch writes, roughly: what bounds a group's statement time."""
-    lists: tuple[Sequence[object], ...] = (
-        rows.samples,
-        rows.latest_points,
-        rows.sample_status,
-        rows.event_responses,
-        rows.intent_statuses,
-        rows.reported_states,
-        rows.decisions,
-        rows.flexibility,
-        rows.gaps,
-        rows.clock_syncs,
-        rows.unknown,
-    )
-    return 1 + sum(len(rows) for rows in lists)
-
-
 def _data_fault(exc: BaseException) -> bool:
     """Whether a failed group may be the fault of one batch's rows (retry them one by one), not
     of the connection, the pool or the server (fail them all at once, fast)."""
@@ -432,7 +396,7 @@ class PgStore(PooledStore):
 
     def __init__(self, url: str, pool: AsyncConnectionPool[_Conn]) -> None:
         super().__init__(url, pool)
-        self._commits: deque[_Commit] = deque()  # telemetry batches waiting, in arrival order
+        self._commits: deque[PendingCommit] = deque()  # telemetry batches waiting, in arrival order
         self._committer: asyncio.Task[None] | None = None  # commits them, a group at a time
 
     @classmethod
@@ -646,7 +610,7 @@ class PgStore(PooledStore):
         if self._closed:
             raise StoreError("the store is closed")
         future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
-        self._commits.append(_Commit(rows, now_ns, future))
+        self._commits.append(PendingCommit(rows, now_ns, future))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_groups(), name="pg-group-commit")
         return await future
@@ -678,24 +642,26 @@ class PgStore(PooledStore):
                     if commit.future.done():
                         continue
                     if isinstance(outcome, BaseException):
-                        commit.future.set_exception(_own_error(outcome, delivered))
+                        commit.future.set_exception(own_error(outcome, delivered))
                     else:
                         commit.future.set_result(outcome)
         finally:
             self._committer = None
 
-    def _take_group(self) -> list[_Commit]:
-        group: list[_Commit] = []
+    def _take_group(self) -> list[PendingCommit]:
+        group: list[PendingCommit] = []
         rows = 0
         while self._commits and len(group) < GROUP_MAX_BATCHES and rows < GROUP_MAX_RECORDS:
             commit = self._commits.popleft()
             if commit.future.done():  # cancelled before it started: never committed, never acked
                 continue
             group.append(commit)
-            rows += _row_count(commit.rows)
+            rows += commit_row_count(commit.rows)
         return group
 
-    async def _commit_group(self, group: Sequence[_Commit]) -> list[CommitResult | BaseException]:
+    async def _commit_group(
+        self, group: Sequence[PendingCommit]
+    ) -> list[CommitResult | BaseException]:
         """Commit `group` in one transaction; one outcome per batch, in order."""
         try:
             try:
@@ -725,7 +691,7 @@ class PgStore(PooledStore):
         ]
 
     async def _write_group(
-        self, group: Sequence[_Commit], *, allow_copy: bool
+        self, group: Sequence[PendingCommit], *, allow_copy: bool
     ) -> list[CommitResult]:
         """Write the batches of `group` in one transaction; what is committed for each batch's
         gateway as of that batch, as if they were committed one after another."""
@@ -799,7 +765,7 @@ class PgStore(PooledStore):
     @staticmethod
     async def _store_committed(
         tx: _Conn,
-        group: Sequence[_Commit],
+        group: Sequence[PendingCommit],
         stored: dict[str, tuple[int, SeqRanges]],
         current: dict[str, tuple[int, SeqRanges]],
     ) -> None:
@@ -902,7 +868,7 @@ class PgStore(PooledStore):
         )
 
     @staticmethod
-    async def _insert_other_rows(tx: _Conn, group: Sequence[_Commit]) -> None:
+    async def _insert_other_rows(tx: _Conn, group: Sequence[PendingCommit]) -> None:
         # Every table is keyed by (gateway_id, seq); a replayed record is ignored. The two
         # upserts that run on every batch take all the group's rows in one statement, one row
         # per key (one statement cannot update a row twice) in key order, so that two

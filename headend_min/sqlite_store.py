@@ -79,9 +79,12 @@ from headend_min.sqlite_schema import MIGRATIONS
 from headend_min.store import (
     DuplicateTokenError,
     IntentComposer,
+    PendingCommit,
     SchemaTooNewError,
     StoreError,
     UnknownSiteError,
+    commit_row_count,
+    own_error,
 )
 
 __all__ = ["GROUP_MAX_BATCHES", "GROUP_MAX_RECORDS", "SqliteStore"]
@@ -102,44 +105,6 @@ class _Call:
 
     run: Callable[[], Any]
     future: asyncio.Future[Any]
-
-
-@dataclass(slots=True)
-class _Commit:
-    """A telemetry batch waiting for the worker's next group commit."""
-
-    rows: TelemetryRows
-    now_ns: int
-    future: asyncio.Future[CommitResult]
-
-
-def _own_error(exc: BaseException, delivered: set[int]) -> BaseException:
-    """`exc` for the first caller it fails, a fresh StoreError caused by it for every other one:
-    one exception object raised in many tasks would collect all their tracebacks."""
-    if id(exc) not in delivered:
-        delivered.add(id(exc))
-        return exc
-    error = StoreError(str(exc) or repr(exc))
-    error.__cause__ = exc
-    return error
-
-
-def _row_count(rows: TelemetryRows) -> int:
-    """Rows a batch writes, roughly: what bounds a group's statement time."""
-    lists: tuple[Sequence[object], ...] = (
-        rows.samples,
-        rows.latest_points,
-        rows.sample_status,
-        rows.event_responses,
-        rows.intent_statuses,
-        rows.reported_states,
-        rows.decisions,
-        rows.flexibility,
-        rows.gaps,
-        rows.clock_syncs,
-        rows.unknown,
-    )
-    return 1 + sum(len(rows) for rows in lists)
 
 
 _GATEWAY_COLUMNS = (
@@ -270,7 +235,7 @@ class SqliteStore:
         self._closed = False
         # Calls in arrival order; the worker runs one job (a call, or a group of commits) at a
         # time, so the order is also the order the database sees them in.
-        self._queue: deque[_Call | _Commit] = deque()
+        self._queue: deque[_Call | PendingCommit] = deque()
         self._worker_busy = False
 
     @classmethod
@@ -322,7 +287,7 @@ class SqliteStore:
             return
         while self._queue:
             head = self._queue[0]
-            if isinstance(head, _Commit):
+            if isinstance(head, PendingCommit):
                 group = self._take_group()
                 if not group:
                     continue
@@ -345,18 +310,18 @@ class SqliteStore:
             job.add_done_callback(on_done)
             return
 
-    def _take_group(self) -> list[_Commit]:
-        group: list[_Commit] = []
+    def _take_group(self) -> list[PendingCommit]:
+        group: list[PendingCommit] = []
         rows = 0
         while self._queue and len(group) < GROUP_MAX_BATCHES and rows < GROUP_MAX_RECORDS:
             head = self._queue[0]
-            if not isinstance(head, _Commit):
+            if not isinstance(head, PendingCommit):
                 break
             self._queue.popleft()
             if head.future.done():  # cancelled before it started: never committed, never acked
                 continue
             group.append(head)
-            rows += _row_count(head.rows)
+            rows += commit_row_count(head.rows)
         return group
 
     def _error(self, exc: BaseException) -> BaseException:
@@ -378,7 +343,7 @@ class SqliteStore:
         self._dispatch()
 
     def _group_done(
-        self, group: list[_Commit], job: asyncio.Future[list[CommitResult | BaseException]]
+        self, group: list[PendingCommit], job: asyncio.Future[list[CommitResult | BaseException]]
     ) -> None:
         self._worker_busy = False
         outcomes: list[CommitResult | BaseException]
@@ -393,7 +358,7 @@ class SqliteStore:
             if commit.future.done():
                 continue
             if isinstance(outcome, BaseException):
-                commit.future.set_exception(_own_error(self._error(outcome), delivered))
+                commit.future.set_exception(own_error(self._error(outcome), delivered))
             else:
                 commit.future.set_result(outcome)
         self._dispatch()
@@ -590,7 +555,9 @@ class SqliteStore:
                 (now_ns, stream.gateway_id, stream.stream_id),
             )
 
-    def _commit_group_sync(self, group: Sequence[_Commit]) -> list[CommitResult | BaseException]:
+    def _commit_group_sync(
+        self, group: Sequence[PendingCommit]
+    ) -> list[CommitResult | BaseException]:
         """Commit every batch of `group` in one transaction; one outcome per batch, in order.
 
         Fast path: the whole group at once. If that fails, nothing of it is kept and the group
@@ -625,7 +592,7 @@ class SqliteStore:
         return outcomes
 
     def _apply_commits(
-        self, tx: sqlite3.Connection, group: Sequence[_Commit]
+        self, tx: sqlite3.Connection, group: Sequence[PendingCommit]
     ) -> list[CommitResult]:
         """Write the batches of `group` (inside the caller's transaction); what is committed for
         each batch's gateway as of that batch, as if they were committed one after another."""
@@ -747,7 +714,7 @@ class SqliteStore:
 
     @staticmethod
     def _stored_latest(
-        tx: sqlite3.Connection, group: Sequence[_Commit]
+        tx: sqlite3.Connection, group: Sequence[PendingCommit]
     ) -> dict[tuple[str, str], LatestPack]:
         """The packed latest points of every device of the group's gateways, in one query."""
         gateway_ids = json.dumps(sorted({c.rows.gateway_id for c in group if c.rows.latest_points}))
@@ -758,7 +725,9 @@ class SqliteStore:
         )
         return {(row[0], row[1]): row[2:] for row in rows}
 
-    def _absorb_group(self, tx: sqlite3.Connection, group: Sequence[_Commit]) -> list[CommitResult]:
+    def _absorb_group(
+        self, tx: sqlite3.Connection, group: Sequence[PendingCommit]
+    ) -> list[CommitResult]:
         """Fold each batch's seqs into its gateway's watermark and ranges, in group order; write
         each gateway's final state once."""
         stored: dict[str, tuple[int, SeqRanges]] = {}
@@ -1134,7 +1103,7 @@ class SqliteStore:
         if self._closed:
             raise StoreError("the store is closed")
         future: asyncio.Future[CommitResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Commit(rows, now_ns, future))
+        self._queue.append(PendingCommit(rows, now_ns, future))
         self._dispatch()
         return await future
 

@@ -25,7 +25,9 @@ link or the HTTP API. Rules every implementation keeps:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from dergw.v1 import pb
@@ -57,11 +59,14 @@ from headend_min.model import (
 __all__ = [
     "DuplicateTokenError",
     "IntentComposer",
+    "PendingCommit",
     "SchemaTooNewError",
     "Store",
     "StoreError",
     "UnknownGatewayError",
     "UnknownSiteError",
+    "commit_row_count",
+    "own_error",
 ]
 
 # Builds the next document from what the allocating transaction read; may raise IntentRejected.
@@ -70,6 +75,47 @@ IntentComposer = Callable[[IntentBasis], pb.IntentDocument]
 
 class StoreError(RuntimeError):
     """The database failed or refused; the operation did not happen."""
+
+
+# -- group commit: what both stores' committers share ---------------------------------------
+
+
+@dataclass(slots=True)
+class PendingCommit:
+    """A telemetry batch waiting for its store's next group commit."""
+
+    rows: TelemetryRows
+    now_ns: int
+    future: asyncio.Future[CommitResult]
+
+
+def own_error(exc: BaseException, delivered: set[int]) -> BaseException:
+    """`exc` for the first caller it fails, a fresh StoreError caused by it for every other one:
+    one exception object raised in many tasks would collect all their tracebacks."""
+    if id(exc) not in delivered:
+        delivered.add(id(exc))
+        return exc
+    error = StoreError(str(exc) or repr(exc))
+    error.__cause__ = exc
+    return error
+
+
+def commit_row_count(rows: TelemetryRows) -> int:
+    """Rows a batch writes, roughly: what bounds a group's statement time."""
+    lists: tuple[Sequence[object], ...] = (
+        rows.samples,
+        rows.latest_points,
+        rows.sample_status,
+        rows.event_responses,
+        rows.intent_statuses,
+        rows.reported_states,
+        rows.decisions,
+        rows.flexibility,
+        rows.gaps,
+        rows.clock_syncs,
+        rows.unknown,
+    )
+    return 1 + sum(len(rows) for rows in lists)
 
 
 class SchemaTooNewError(StoreError):
