@@ -28,10 +28,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Three workers on two cores: the HIL tests spend most of their time waiting on real time.
-# worksteal: an idle worker takes queued tests from a busy one, so the long HIL scenarios do
-# not leave the others waiting at the end.
 pytest: $(STAMP) pydnp3
-	$(BIN)/pytest -q -n 3 --dist worksteal
+	$(BIN)/pytest -q -n 3
 
 # pydnp3, the DNP3 driver's native backend, builds from source once per machine (3.5-7 min) into
 # ~/.cache/dergw/wheels (packaging/pydnp3). CI (DERGW_REQUIRE_SERVICES=1) builds it when that
